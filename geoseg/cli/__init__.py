@@ -1,0 +1,1 @@
+"""The ``geoseg`` command line: a thin shell over the stage functions."""

@@ -1,0 +1,77 @@
+"""``geoseg`` entry point: the command group and the one-line error policy.
+
+User errors (:class:`~geoseg.errors.GeosegError`) print ``geoseg: error: <message>`` on one line and exit
+1; ``--verbose`` adds the traceback. Commands live in their own modules and only parse options.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from geoseg import __version__
+from geoseg.errors import GeosegError
+
+_STATE = {"verbose": False}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="geoseg")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: bool, quiet: bool) -> None:
+    """Land-cover segmentation of large georeferenced rasters, tiled and distributed with Dask."""
+    _STATE["verbose"] = verbose
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("geoseg").setLevel(level)
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def _register() -> None:
+    from geoseg.cli import batch, evaluate, run, sample, train
+
+    for module in (run, batch, train, evaluate, sample):
+        cli.add_command(module.command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code instead of raising."""
+    try:
+        cli.main(args=argv, prog_name="geoseg", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("geoseg: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("geoseg: interrupted; rerun the same command to start again", err=True)
+        return 130
+    except GeosegError as exc:
+        if _STATE["verbose"]:
+            traceback.print_exc()
+        click.echo(f"geoseg: error: {_one_line(str(exc))}", err=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug; still one line unless --verbose
+        if _STATE["verbose"]:
+            traceback.print_exc()
+        click.echo(
+            f"geoseg: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --verbose for details)",
+            err=True,
+        )
+        return 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

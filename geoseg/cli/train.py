@@ -1,0 +1,29 @@
+"""``geoseg train CONFIG.yaml``: train a model and write its checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from geoseg.cli.options import config_argument, overwrite_option, set_option
+
+
+@click.command("train")
+@config_argument
+@set_option
+@overwrite_option
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Override the number of epochs.")
+def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None) -> None:
+    """Train an smp model on scenes and label rasters; keep the best checkpoint by validation mIoU."""
+    from geoseg.config import TrainConfig, load_config
+    from geoseg.train import train_model
+
+    if overwrite:
+        overrides = (*overrides, "overwrite=true")
+    if epochs:
+        overrides = (*overrides, f"epochs={epochs}")
+    cfg = load_config(config, overrides, TrainConfig)
+    result = train_model(cfg, progress=sys.stderr.isatty())
+    click.echo(f"wrote {result.checkpoint} (best epoch {result.best_epoch}, validation mIoU {result.best_miou:.4f})",
+               err=True)

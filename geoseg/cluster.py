@@ -1,0 +1,82 @@
+"""Dask cluster from the config: a LocalCluster started for the run, or an existing scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dask
+from distributed import Client, LocalCluster
+
+from geoseg.config import ClusterConfig
+from geoseg.errors import ClusterError
+
+#: glibc returns the forward pass's large buffers to the OS after every batch (and Dask's nanny sets
+#: MALLOC_TRIM_THRESHOLD_=65536 by default), which made CPU inference 30-45% slower here. Raising both
+#: thresholds keeps the buffers in the process. Set for every worker the nanny spawns.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPU"
+        return 0
+
+
+@contextmanager
+def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
+    """Yield a connected client; a LocalCluster is closed on exit, a remote scheduler is left running."""
+    if cfg.backend == "address":
+        try:
+            client = Client(cfg.address, timeout=f"{cfg.timeout_s}s")
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"cluster.address: cannot reach scheduler {cfg.address} within {cfg.timeout_s:g}s ({type(exc).__name__})"
+            ) from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+
+    n_workers, threads = cfg.n_workers, cfg.threads_per_worker
+    resources = None
+    if use_gpu:
+        # One worker and one thread per GPU (the dask-cuda advice); tasks ask for GPU=1.
+        n_workers, threads, resources = max(1, gpu_count()), 1, {"GPU": 1}
+    pre_spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}
+    with dask.config.set(pre_spawn):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=True,
+            memory_limit=cfg.memory_limit,
+            dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+            host="127.0.0.1",
+            resources=resources,
+            silence_logs=logging.ERROR,
+        )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def concurrent_tasks(client: Client) -> int:
+    """Total task threads across the cluster's workers."""
+    info = client.scheduler_info()
+    return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
+
+
+def tasks_per_host(client: Client) -> int:
+    """Most task threads on one host: CPU inference splits that host's cores between them."""
+    per_host: dict[str, int] = {}
+    for addr, w in client.scheduler_info().get("workers", {}).items():
+        host = w.get("host") or addr.rsplit(":", 1)[0]
+        per_host[host] = per_host.get(host, 0) + w.get("nthreads", 1)
+    return max(per_host.values(), default=1)

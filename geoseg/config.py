@@ -1,0 +1,457 @@
+"""Typed pipeline and training configuration, validated once at the edge.
+
+YAML is parsed safely, ``--set key=value`` overrides are merged, then pydantic validates the whole tree.
+Every problem becomes one :class:`~geoseg.errors.ConfigError` line that names the file and the dotted key,
+e.g. ``landcover.yaml: tile.overlap: must be even (got 33); use 32 or 34``. Relative paths are resolved
+against the YAML file's folder, so a pipeline runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from geoseg.classes import parse_color
+from geoseg.errors import ConfigError
+
+
+class _Config(BaseModel):
+    """Base: unknown keys are errors, values are frozen once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Any:
+    """Resolve a relative path against the folder of the YAML file it came from."""
+    if value is None or value == "":
+        return value
+    base = (info.context or {}).get("base_dir")
+    path = Path(str(value)).expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"is a directory, expected a file: {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+
+class ReadConfig(_Config):
+    """How the input raster is read."""
+
+    bands: list[int] | None = Field(
+        None, description="1-based band indexes fed to the model, in model order; default: the checkpoint's bands."
+    )
+    nodata: float | None = Field(
+        None, description="Nodata value overriding the raster's own (for rasters whose nodata is missing or wrong)."
+    )
+
+    @field_validator("bands")
+    @classmethod
+    def _positive_bands(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one band, or be left out")
+            if min(v) < 1:
+                raise ValueError(f"band indexes are 1-based (got {min(v)})")
+        return v
+
+
+class TileConfig(_Config):
+    """Tile grid: model windows of ``size`` pixels that share ``overlap`` pixels with their neighbours."""
+
+    size: int = Field(512, gt=0, description="Side of the square window fed to the model, in pixels.")
+    overlap: int = Field(
+        64, ge=0, description="Pixels shared by neighbouring windows (even; at most half the size). Half of it is "
+        "the halo each window sees beyond its core."
+    )
+    chunk_tiles: int = Field(
+        2, ge=1, description="Tiles per Zarr chunk side. A chunk is one Dask task: larger chunks batch more tiles."
+    )
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> TileConfig:
+        if self.overlap % 2:
+            raise ValueError(f"overlap must be even (got {self.overlap}); use {self.overlap - 1} or {self.overlap + 1}")
+        if 2 * self.overlap > self.size:
+            raise ValueError(f"overlap {self.overlap} is more than half the tile size {self.size}; use at most {self.size // 2}")
+        return self
+
+    @property
+    def stride(self) -> int:
+        return self.size - self.overlap
+
+    @property
+    def halo(self) -> int:
+        return self.overlap // 2
+
+    @property
+    def chunk(self) -> int:
+        """Side of a Zarr chunk's core in pixels."""
+        return self.stride * self.chunk_tiles
+
+
+class InferConfig(_Config):
+    """Model execution."""
+
+    batch_size: int = Field(4, ge=1, description="Tiles per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU. bf16 on CPU is faster on AMX machines."
+    )
+    channels_last: bool = Field(False, description="Run convolutions in channels-last memory format (faster on CPU).")
+    tta: bool = Field(False, description="Test-time augmentation: average the logits of the tile and its flips.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per task; default: cores / (workers x threads per worker)."
+    )
+
+
+class StitchConfig(_Config):
+    """How overlapping tile predictions are merged."""
+
+    blend: Literal["cosine", "crop"] = Field(
+        "cosine",
+        description="'cosine': probabilities weighted by a raised cosine over the overlap (strictly positive); "
+        "'crop': each pixel from the one tile whose core holds it.",
+    )
+
+
+class WriteConfig(_Config):
+    """The land-cover GeoTIFF."""
+
+    nodata: int = Field(255, ge=0, le=255, description="Output value for invalid pixels; never a class id.")
+    confidence: Literal["none", "uint8", "float16"] = Field(
+        "none", description="Also write confidence.tif, the top class probability (uint8 scales 0-1 to 0-250)."
+    )
+    keep_scores: bool = Field(False, description="Keep the Zarr store of class probabilities (scores.zarr).")
+    keep_tiles: bool = Field(False, description="Keep the Zarr store of input tiles (tiles.zarr).")
+    overviews: bool = Field(True, description="Build overviews (nearest/mode resampling) in the COG.")
+    compress: Literal["deflate", "lzw", "zstd", "none"] = Field("deflate", description="GeoTIFF compression.")
+
+
+class ClusterConfig(_Config):
+    """Where Dask runs the tasks."""
+
+    backend: Literal["local", "address"] = Field(
+        "local", description="'local': a LocalCluster started for the run; 'address': an existing scheduler."
+    )
+    address: str | None = Field(None, description="Scheduler address for backend 'address', e.g. tcp://10.0.0.5:8786.")
+    n_workers: int = Field(1, ge=1, description="Local worker processes (one per GPU on a GPU machine).")
+    threads_per_worker: int = Field(2, ge=1, description="Task threads per local worker (1 per GPU worker).")
+    memory_limit: str = Field("auto", description="Per-worker memory limit for the LocalCluster, e.g. '4GiB'.")
+    dashboard: bool = Field(False, description="Serve the Dask dashboard on 127.0.0.1 and print its link.")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for a scheduler before giving up.")
+
+    @model_validator(mode="after")
+    def _need_address(self) -> ClusterConfig:
+        if self.backend == "address" and not self.address:
+            raise ValueError("backend 'address' needs cluster.address (e.g. tcp://127.0.0.1:8786)")
+        return self
+
+
+class PipelineConfig(_Config):
+    """A `geoseg run` pipeline: one scene in, a land-cover map out."""
+
+    input: Path = Field(description="Input raster (GeoTIFF/COG or anything rasterio opens).")
+    model: Path = Field(description="Model checkpoint (.safetensors written by geoseg train).")
+    output_dir: Path = Field(description="Folder for landcover.tif, run.json and the other outputs.")
+    overwrite: bool = Field(False, description="Replace existing outputs (CLI: --overwrite).")
+    read: ReadConfig = Field(default_factory=ReadConfig)
+    tile: TileConfig = Field(default_factory=TileConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    stitch: StitchConfig = Field(default_factory=StitchConfig)
+    write: WriteConfig = Field(default_factory=WriteConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    _resolve_paths = field_validator("input", "model", "output_dir", mode="before")(_resolve)
+
+    @field_validator("input", "model")
+    @classmethod
+    def _must_exist(cls, v: Path) -> Path:
+        return _existing_file(v)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class SceneConfig(_Config):
+    """An image with its label raster on the same grid."""
+
+    image: Path
+    labels: Path
+
+    _resolve_paths = field_validator("image", "labels", mode="before")(_resolve)
+
+    @field_validator("image", "labels")
+    @classmethod
+    def _must_exist(cls, v: Path) -> Path:
+        return _existing_file(v)
+
+
+class BandConfig(_Config):
+    """One input band of the model."""
+
+    index: int = Field(ge=1, description="1-based band index in the training rasters.")
+    name: str = Field(description="Band name stored in the checkpoint (e.g. red, nir).")
+
+
+class ClassConfig(_Config):
+    """One output class and the label codes that map to it."""
+
+    id: int = Field(ge=0, le=254, description="Class id written to the output raster.")
+    name: str
+    color: str | list[int] = Field(description="#rrggbb or [r, g, b].")
+    codes: list[int] = Field(default_factory=list, description="Label codes mapped to this class; default [id].")
+
+    @field_validator("color")
+    @classmethod
+    def _valid_color(cls, v: str | list[int]) -> str | list[int]:
+        parse_color(v)
+        return v
+
+    @property
+    def label_codes(self) -> list[int]:
+        return self.codes or [self.id]
+
+
+class WindowConfig(_Config):
+    """A pixel window: rows ``row_off``.. and columns ``col_off``.. (rasterio vocabulary)."""
+
+    row_off: int = Field(ge=0)
+    col_off: int = Field(ge=0)
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+
+
+class ValidationConfig(_Config):
+    """Held-out data: separate scenes and/or a window of the training scenes excluded from training."""
+
+    scenes: list[SceneConfig] = Field(default_factory=list)
+    window: WindowConfig | None = Field(None, description="Area of each training scene used only for validation.")
+
+
+class ModelConfig(_Config):
+    """Network to train: an smp architecture and encoder."""
+
+    architecture: str = Field("unet", description="smp architecture: unet, unetplusplus, fpn, deeplabv3plus, segformer, ...")
+    encoder: str = Field("resnet18", description="smp encoder name (no pretrained weights are downloaded).")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra smp keyword arguments, e.g. encoder_depth.")
+
+
+class TrainConfig(_Config):
+    """A `geoseg train` run."""
+
+    output: Path = Field(description="Checkpoint to write (.safetensors).")
+    overwrite: bool = False
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    bands: list[BandConfig] = Field(min_length=1)
+    classes: list[ClassConfig] = Field(min_length=2)
+    ignore_codes: list[int] = Field(default_factory=list, description="Label codes excluded from the loss and metrics.")
+    train: list[SceneConfig] = Field(min_length=1)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tile_size: int = Field(128, gt=0, description="Training window side in pixels.")
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+
+    _resolve_paths = field_validator("output", mode="before")(_resolve)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"class ids must be unique (got {ids})")
+        codes = [code for c in self.classes for code in c.label_codes]
+        if len(set(codes)) != len(codes):
+            raise ValueError("a label code is mapped to two classes")
+        if set(codes) & set(self.ignore_codes):
+            raise ValueError("a label code is both mapped to a class and ignored")
+        if not self.validation.scenes and self.validation.window is None:
+            raise ValueError("validation needs scenes or a window (a held-out area, never random pixels)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars or lists (``tile.size=256``, ``read.bands=[1,2]``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set tile.size=256")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Safely parse a YAML mapping; syntax errors name the line and column."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path.name}{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """Field names of the sub-model that ``loc`` points into (for 'did you mean')."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        annotation = fields[part].annotation
+        args = getattr(annotation, "__args__", ()) or ()
+        candidates = [annotation, *args]
+        for arg in list(candidates):
+            candidates += list(getattr(arg, "__args__", ()) or ())
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(model: type[BaseModel], err: dict) -> str:
+    loc = [p for p in err["loc"]]
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        return f"{key}: unknown key; {hint}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{key}: {msg}"
+
+
+def validate(model: type[C], data: dict, source: str, base_dir: Path | None) -> C:
+    """Validate ``data`` into ``model``; errors become one ConfigError line naming ``source`` and the keys."""
+    try:
+        return model.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        parts = [_format_error(model, e) for e in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), model: type[C] = PipelineConfig) -> C:  # type: ignore[assignment]
+    """Load and validate a YAML config with ``--set`` style overrides."""
+    path = Path(path)
+    data = read_yaml(path)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return validate(model, data, path.name, path.parent.absolute())
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    """Plain-JSON form of a resolved config (absolute paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------------------------- docs
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    text = text.replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+    text = re.sub(r"[\w.]+\.(\w+Config)", r"\1", text)
+    return text.replace(" | ", " or ")
+
+
+def _walk(model: type[BaseModel], prefix: str) -> Iterable[tuple[str, str, str, str]]:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            doc = (annotation.__doc__ or "").strip().splitlines()
+            yield key, "section", "", doc[0] if doc else ""
+            yield from _walk(annotation, key + ".")
+            continue
+        inner = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
+            default = "[]" if field.default_factory is list else ("{}" if field.default_factory is dict else "")
+        else:
+            default = repr(field.default)
+        yield key, _type_name(annotation), default, field.description or ""
+        for sub in inner:
+            yield from _walk(sub, key + "[]." if "list" in _type_name(annotation) else key + ".")
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference (docs/config.md), generated from the models."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `geoseg/config.py` (`python -m geoseg.config > docs/config.md`); a test keeps it current.",
+        "Relative paths are resolved against the folder of the YAML file. Any key can be overridden on the",
+        "command line with `--set key.sub=value` (repeatable). Unknown keys are errors.",
+        "",
+    ]
+    for title, model in (("Pipeline (`geoseg run`, `geoseg batch`)", PipelineConfig), ("Training (`geoseg train`)", TrainConfig)):
+        lines += [f"## {title}", "", "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for key, typ, default, desc in _walk(model, ""):
+            lines.append(f"| `{key}` | {typ} | {default} | {desc} |".replace("| section |", "| *section* |"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

@@ -1,0 +1,328 @@
+"""The `geoseg run` pipeline: read -> tile -> infer -> stitch -> write, with a run manifest.
+
+Stages are plain functions in their own modules; this runner wires them to a Dask client, streams the
+stitched blocks into the writers as they complete and records what happened in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geoseg import __version__
+from geoseg._io import check_overwrite, file_digest, remove, write_text_atomic
+from geoseg.config import PipelineConfig, dump_config, load_config
+from geoseg.errors import ConfigError, GeosegError, InputError
+from geoseg.models import ModelSpec, read_model_spec
+
+log = logging.getLogger("geoseg")
+
+LANDCOVER = "landcover.tif"
+CONFIDENCE = "confidence.tif"
+MANIFEST = "run.json"
+RESOLVED_CONFIG = "pipeline-config.json"
+
+
+def check_model_fits(cfg: PipelineConfig, spec: ModelSpec, source: str) -> None:
+    """Refuse impossible combinations of pipeline and model before any work starts."""
+    stride = spec.output_stride
+    if cfg.tile.size % stride:
+        lo, hi = cfg.tile.size // stride * stride, (cfg.tile.size // stride + 1) * stride
+        use = f"{hi} or {lo}" if lo else f"{hi}"
+        raise ConfigError(
+            f"{source}: tile.size: {cfg.tile.size} is not divisible by the model's output stride {stride}; use {use}"
+        )
+    if cfg.write.nodata in spec.class_map.ids:
+        free = next(v for v in range(255, -1, -1) if v not in spec.class_map.ids)
+        raise ConfigError(f"{source}: write.nodata: {cfg.write.nodata} is a class id of the model; use {free}")
+    if cfg.read.bands is not None and len(cfg.read.bands) != spec.in_channels:
+        names = ", ".join(b["name"] for b in spec.bands)
+        raise ConfigError(
+            f"{source}: read.bands: selects {len(cfg.read.bands)} bands but the model expects "
+            f"{spec.in_channels} ({names})"
+        )
+
+
+def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Load a pipeline YAML and check it against its model checkpoint."""
+    cfg = load_config(path, overrides)
+    check_model_fits(cfg, read_model_spec(cfg.model), Path(path).name)
+    return cfg
+
+
+@dataclass
+class RunResult:
+    """What a run produced: output paths, timings and the manifest's path."""
+
+    output_dir: Path
+    outputs: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def landcover(self) -> Path:
+        return Path(self.outputs["landcover"])
+
+    @property
+    def manifest(self) -> Path:
+        return self.output_dir / MANIFEST
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def _progress(total: int, description: str, enabled: bool):
+    """A rich progress bar on a terminal, nothing otherwise."""
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        transient=True)
+    progress.start()
+    progress.add_task(description, total=total)
+    return progress
+
+
+def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = None) -> RunResult:  # noqa: ANN001
+    """Run one scene through every stage; write outputs and ``run.json`` into ``cfg.output_dir``.
+
+    ``client``: an existing ``distributed.Client`` to use instead of the one ``cfg.cluster`` describes.
+    """
+    out_dir = cfg.output_dir
+    result = RunResult(out_dir)
+    started = datetime.now(timezone.utc)
+    spec = read_model_spec(cfg.model)
+    check_model_fits(cfg, spec, "config")
+    for name in (LANDCOVER, CONFIDENCE, MANIFEST):
+        check_overwrite(out_dir / name, cfg.overwrite)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output_dir: cannot create {out_dir} ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise InputError(f"output_dir: {out_dir} is not writable")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    manifest: dict[str, Any] = {
+        "geoseg_version": __version__,
+        "status": "running",
+        "started": started.isoformat(),
+        "config": dump_config(cfg),
+        "inputs": {
+            "raster": _describe_file(cfg.input, digest=False),
+            "model": _describe_file(cfg.model, digest=True),
+        },
+    }
+    try:
+        _run_stages(cfg, spec, result, progress, client)
+        manifest["status"] = "done"
+    except BaseException as exc:
+        manifest["status"] = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+        manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        manifest.update(
+            finished=datetime.now(timezone.utc).isoformat(),
+            outputs=result.outputs,
+            timings_s=result.timings,
+            stats=result.stats,
+        )
+        try:
+            write_text_atomic(out_dir / RESOLVED_CONFIG, json.dumps(dump_config(cfg), indent=2) + "\n")
+            write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        except OSError:
+            log.error("could not write %s", out_dir / MANIFEST)
+    result.outputs["manifest"] = str(result.manifest)
+    return result
+
+
+def _describe_file(path: Path, digest: bool) -> dict[str, Any]:
+    st = path.stat()
+    info: dict[str, Any] = {"path": str(path), "size": st.st_size, "mtime": st.st_mtime}
+    if digest:
+        info["sha256"] = file_digest(path)
+    return info
+
+
+def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool, client) -> None:  # noqa: ANN001
+    import dask
+    import dask.array as da
+    from distributed import as_completed
+
+    from geoseg.cluster import open_client, tasks_per_host
+    from geoseg.grid import TileGrid
+    from geoseg.infer import ModelPlugin, infer_chunk, model_key, resolve_device
+    from geoseg.read import read_raster
+    from geoseg.stitch import classify, stitch_scores
+    from geoseg.tile import create_tile_store, tile_chunk
+    from geoseg.write import confidence_writer, encode_confidence, landcover_writer, write_qgis_style
+
+    timings, out_dir = result.timings, cfg.output_dir
+    with _timed(timings, "read"):
+        raster = read_raster(cfg.input, cfg.read, spec)
+    grid = TileGrid(raster.height, raster.width, cfg.tile.size, cfg.tile.overlap, cfg.tile.chunk_tiles)
+    classes = spec.class_map
+    n_classes = len(classes)
+    device, precision = resolve_device(cfg.infer)
+    work = out_dir / f".work-{os.getpid()}"
+    tiles_path = work / "tiles.zarr"
+    scores_path = out_dir / "scores.zarr"
+    result.stats.update(
+        width=raster.width, height=raster.height, bands=list(raster.bands), crs=raster.crs.to_string(),
+        device=device, precision=precision, chunks=list(grid.chunks_shape), tile=cfg.tile.size,
+        overlap=cfg.tile.overlap,
+    )
+
+    with ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(open_client(cfg.cluster, use_gpu=device == "cuda"))
+        if cfg.cluster.dashboard and client.dashboard_link:
+            log.info("Dask dashboard: %s", client.dashboard_link)
+        stack.callback(remove, work)
+        key = model_key(cfg.model, cfg.infer, tasks_per_host(client))
+        if device == "cuda" and not _has_gpu_workers(client):
+            raise InputError("infer.device: cuda needs workers started with --resources GPU=1; none found")
+
+        with _timed(timings, "tile"):
+            work.mkdir(parents=True, exist_ok=True)
+            create_tile_store(tiles_path, raster, grid)
+            locs = [loc for loc, _ in grid.chunk_windows()]
+            futures = client.map(
+                tile_chunk, [raster] * len(locs), [str(tiles_path)] * len(locs), [grid] * len(locs),
+                [i for i, _ in locs], [j for _, j in locs], [cfg.read.nodata] * len(locs), pure=False,
+            )
+            counts = dict(zip(locs, client.gather(futures)))
+            del futures
+        n_valid = sum(counts.values())
+        result.stats["valid_pixels"] = n_valid
+
+        ny, nx = grid.chunks_shape
+        count_grid = np.array([[counts[(i, j)] for j in range(nx)] for i in range(ny)], dtype=np.int64)
+        if n_valid:
+            client.register_plugin(ModelPlugin(key))
+        h = grid.halo
+        rows, cols = grid.dask_chunks()
+
+        def _infer(block: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001
+            _, i, j = block_info[None]["chunk-location"]
+            return infer_chunk(str(tiles_path), grid, i, j, key, n_classes, cfg.stitch.blend, int(block[0, 0]))
+
+        resources = {"GPU": 1} if device == "cuda" else None
+        with dask.annotate(resources=resources) if resources else _nullcontext():
+            ext = da.from_array(count_grid, chunks=1).map_blocks(
+                _infer, dtype=np.float32, new_axis=0,
+                chunks=((n_classes + 1,), tuple(r + 2 * h for r in rows), tuple(c + 2 * h for c in cols)),
+            )
+        scores = stitch_scores(ext, grid)
+        lut = classes.index_to_id()
+        keep_scores = cfg.write.keep_scores
+        if keep_scores:
+            _create_scores_store(scores_path, raster, grid, classes, cfg.overwrite)
+
+        def _finish(acc: np.ndarray, i: int, j: int):
+            import zarr
+
+            window = grid.chunk_window(i, j)
+            r0, c0 = int(window.row_off), int(window.col_off)
+            r1, c1 = r0 + int(window.height), c0 + int(window.width)
+            valid = zarr.open_group(str(tiles_path), mode="r")["valid"][r0:r1, c0:c1]
+            labels, conf = classify(acc, valid, lut, cfg.write.nodata)
+            if keep_scores:
+                probs = acc[:-1] / np.where(acc[-1] > 0, acc[-1], 1.0)
+                zarr.open_array(str(scores_path), mode="r+")[:, r0:r1, c0:c1] = probs.astype(np.float16)
+            return i, j, labels, conf, labels != cfg.write.nodata
+
+        blocks = scores.to_delayed()[0]
+        tasks = [dask.delayed(_finish)(blocks[i, j], i, j) for i in range(ny) for j in range(nx)]
+
+        lc_path = out_dir / LANDCOVER
+        writers = [landcover_writer(lc_path, raster, classes, cfg.write.nodata, compress=cfg.write.compress,
+                                    overviews=cfg.write.overviews, overwrite=cfg.overwrite)]
+        stack.callback(writers[0].abort)
+        if cfg.write.confidence != "none":
+            writers.append(confidence_writer(out_dir / CONFIDENCE, raster, cfg.write.confidence,
+                                             compress=cfg.write.compress, overviews=cfg.write.overviews,
+                                             overwrite=cfg.overwrite))
+            stack.callback(writers[1].abort)
+
+        bar = _progress(len(tasks), "segmenting", progress)
+        with _timed(timings, "infer_stitch"):
+            try:
+                for fut in as_completed(client.compute(tasks)):
+                    i, j, labels, conf, known = fut.result()
+                    fut.release()
+                    window = grid.chunk_window(i, j)
+                    writers[0].write(window, labels)
+                    if len(writers) > 1:
+                        writers[1].write(window, encode_confidence(conf, known, cfg.write.confidence))
+                    if bar:
+                        bar.advance(bar.task_ids[0])
+            finally:
+                if bar:
+                    bar.stop()
+        with _timed(timings, "write"):
+            result.outputs["landcover"] = str(writers[0].close())
+            result.outputs["qgis_style"] = str(write_qgis_style(lc_path.with_suffix(".qml"), classes, cfg.write.nodata))
+            if len(writers) > 1:
+                result.outputs["confidence"] = str(writers[1].close())
+            if keep_scores:
+                result.outputs["scores"] = str(scores_path)
+            if cfg.write.keep_tiles:
+                kept = out_dir / "tiles.zarr"
+                remove(kept)
+                os.replace(tiles_path, kept)
+                result.outputs["tiles"] = str(kept)
+        result.stats["tiles_inferred"] = _count_inferred(grid, count_grid)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _has_gpu_workers(client) -> bool:  # noqa: ANN001
+    workers = client.scheduler_info().get("workers", {}).values()
+    return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers)
+
+
+def _count_inferred(grid, count_grid: np.ndarray) -> int:  # noqa: ANN001
+    """Tiles in chunks with valid pixels (an upper bound of the tiles the model saw)."""
+    total = 0
+    for (i, j), window in grid.chunk_windows():
+        if count_grid[i, j]:
+            total += grid.tiles_per_side(int(window.height)) * grid.tiles_per_side(int(window.width))
+    return total
+
+
+def _create_scores_store(path: Path, raster, grid, classes, overwrite: bool) -> None:  # noqa: ANN001
+    import zarr
+
+    check_overwrite(path, overwrite)
+    remove(path)
+    arr = zarr.open_array(
+        str(path), mode="w", shape=(len(classes), raster.height, raster.width), dtype="float16",
+        chunks=(len(classes), grid.chunk, grid.chunk), fill_value=0, dimension_names=("class", "y", "x"),
+    )
+    arr.attrs.update({"classes": classes.to_records(), "proj:wkt2": raster.crs.to_wkt(),
+                      "spatial:transform": list(raster.transform)[:6]})

@@ -1,0 +1,112 @@
+"""Read stage: open the input raster, check it can be segmented, and read windows with a validity mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.config import ReadConfig
+from geoseg.errors import InputError, RasterNotFoundError
+from geoseg.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class RasterSpec:
+    """What the later stages need to know about the input raster."""
+
+    path: Path
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    """Nodata value used for the validity mask (the config override or the raster's own)."""
+    bands: tuple[int, ...]
+    """Selected 1-based band indexes, in model order."""
+    band_names: tuple[str | None, ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+
+def open_raster(path: Path) -> rasterio.DatasetReader:
+    """Open a raster, turning every failure into a one-line InputError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise RasterNotFoundError(f"{path}: raster not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a raster file")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        detail = str(exc).split("\n")[0]
+        raise InputError(f"{path}: not a raster GDAL can read ({detail})") from None
+
+
+def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> RasterSpec:
+    """Validate the input raster against the config and the model; return its :class:`RasterSpec`."""
+    with open_raster(path) as src:
+        if src.crs is None:
+            raise InputError(f"{path}: has no CRS; set one first, e.g. rio edit-info --crs EPSG:32632 {path.name}")
+        t = src.transform
+        if t.b != 0 or t.d != 0:
+            raise InputError(
+                f"{path}: rotated or sheared geotransform is not supported; warp it north-up first (gdalwarp)"
+            )
+        if t == Affine.identity():
+            raise InputError(f"{path}: has no geotransform (pixel grid is not georeferenced)")
+        if np.dtype(src.dtypes[0]).kind not in "uif":
+            raise InputError(f"{path}: data type {src.dtypes[0]} is not supported (need integer or float bands)")
+        bands = tuple(cfg.bands) if cfg.bands else tuple(b["index"] for b in model.bands)
+        if max(bands) > src.count:
+            key = "read.bands" if cfg.bands else "the model's bands"
+            raise InputError(f"{path}: has {src.count} bands but {key} asks for band {max(bands)}")
+        if len(bands) != model.in_channels:
+            names = ", ".join(b["name"] for b in model.bands)
+            raise InputError(
+                f"{path}: read.bands selects {len(bands)} bands but the model expects {model.in_channels} ({names})"
+            )
+        nodata = cfg.nodata if cfg.nodata is not None else src.nodata
+        return RasterSpec(
+            path=Path(path),
+            crs=src.crs,
+            transform=t,
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=src.dtypes[0],
+            nodata=nodata,
+            bands=bands,
+            band_names=tuple(src.descriptions[b - 1] for b in bands),
+        )
+
+
+def read_window(
+    src: rasterio.DatasetReader, window: Window, bands: tuple[int, ...], nodata_override: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``bands`` in ``window``; return ``(data, valid)`` where a pixel is invalid if any band is.
+
+    Validity comes from the dataset masks (nodata, alpha, internal mask) unless ``nodata_override`` is set;
+    NaN and infinity are always invalid.
+    """
+    data = src.read(list(bands), window=window)
+    if nodata_override is not None:
+        if np.isnan(nodata_override):
+            valid = ~np.isnan(data).any(axis=0)
+        else:
+            valid = ~(data == nodata_override).any(axis=0)
+    else:
+        valid = (src.read_masks(list(bands), window=window) > 0).all(axis=0)
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    return data, valid

@@ -1,0 +1,146 @@
+"""Pipeline config: validation errors name the file and key, overrides, paths, the generated reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from geoseg.config import PipelineConfig, config_reference_markdown, load_config, parse_overrides
+from geoseg.errors import ConfigError
+from geoseg.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pipeline_yaml(tmp_path, sample_scene, fcn_checkpoint):  # noqa: ANN001
+    def make(extra: dict | None = None, text: str | None = None) -> Path:
+        path = tmp_path / "pipe.yaml"
+        if text is not None:
+            path.write_text(text)
+            return path
+        data = {"input": str(sample_scene.image), "model": str(fcn_checkpoint), "output_dir": "out"}
+        for key, value in (extra or {}).items():
+            node = data
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+def error_of(path: Path, overrides=()) -> str:  # noqa: ANN001
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_config_resolves_relative_paths(pipeline_yaml):  # noqa: ANN001
+    cfg = load_config(pipeline_yaml())
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.output_dir == pipeline_yaml().parent / "out"
+    assert cfg.tile.size == 512 and cfg.tile.halo == 32 and cfg.tile.stride == 448
+
+
+def test_unknown_key_suggests_closest(pipeline_yaml):  # noqa: ANN001
+    msg = error_of(pipeline_yaml({"tile.overlapp": 32}))
+    assert msg.startswith("pipe.yaml: tile.overlapp: unknown key; did you mean 'overlap'?")
+
+
+def test_unknown_top_level_key(pipeline_yaml):  # noqa: ANN001
+    assert "pipe.yaml: infr: unknown key; did you mean 'infer'?" in error_of(pipeline_yaml({"infr": {}}))
+
+
+def test_wrong_type_names_key(pipeline_yaml):  # noqa: ANN001
+    msg = error_of(pipeline_yaml({"infer.batch_size": "four"}))
+    assert msg.startswith("pipe.yaml: infer.batch_size:") and "'four'" in msg
+
+
+def test_zero_and_negative_sizes(pipeline_yaml):  # noqa: ANN001
+    assert "tile.size" in error_of(pipeline_yaml({"tile.size": 0}))
+    assert "infer.batch_size" in error_of(pipeline_yaml({"infer.batch_size": -2}))
+
+
+def test_missing_input_file(pipeline_yaml, tmp_path):  # noqa: ANN001
+    msg = error_of(pipeline_yaml({"input": str(tmp_path / "nope.tif")}))
+    assert msg.startswith("pipe.yaml: input: file not found:") and "nope.tif" in msg
+
+
+def test_missing_required_key(pipeline_yaml, tmp_path):  # noqa: ANN001
+    path = tmp_path / "p.yaml"
+    path.write_text("input: x.tif\n")
+    assert "model: required key is missing" in error_of(path)
+
+
+def test_odd_and_too_large_overlap(pipeline_yaml):  # noqa: ANN001
+    assert "tile: overlap must be even (got 33); use 32 or 34" in error_of(pipeline_yaml({"tile.overlap": 33}))
+    assert "more than half the tile size" in error_of(pipeline_yaml({"tile.overlap": 300}))
+
+
+def test_tile_not_divisible_by_model_stride(tmp_path, sample_scene, unet_checkpoint):  # noqa: ANN001
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"input": str(sample_scene.image), "model": str(unet_checkpoint),
+                                    "output_dir": "o", "tile": {"size": 500, "overlap": 32}}))
+    assert error_of(path) == "p.yaml: tile.size: 500 is not divisible by the model's output stride 8; use 504 or 496"
+
+
+def test_nodata_colliding_with_class_id(pipeline_yaml):  # noqa: ANN001
+    assert "write.nodata: 3 is a class id of the model; use 255" in error_of(pipeline_yaml({"write.nodata": 3}))
+
+
+def test_band_count_mismatch(pipeline_yaml):  # noqa: ANN001
+    msg = error_of(pipeline_yaml({"read.bands": [1, 2, 3]}))
+    assert "read.bands: selects 3 bands but the model expects 4 (blue, green, red, nir)" in msg
+
+
+def test_yaml_syntax_error_has_line_and_column(pipeline_yaml):  # noqa: ANN001
+    msg = error_of(pipeline_yaml(text="input: a.tif\ntile: {size: 3\n"))
+    assert msg.startswith("pipe.yaml:3:1: YAML syntax error")
+
+
+def test_yaml_is_loaded_safely(pipeline_yaml):  # noqa: ANN001
+    msg = error_of(pipeline_yaml(text="input: !!python/object/apply:os.system ['echo pwned']\n"))
+    assert "YAML" in msg
+
+
+def test_overrides_set_any_key(pipeline_yaml):  # noqa: ANN001
+    cfg = load_pipeline(pipeline_yaml(), ["tile.size=256", "tile.overlap=32", "read.bands=[4,3,2,1]",
+                                          "write.confidence=float16"])
+    assert (cfg.tile.size, cfg.tile.overlap, cfg.read.bands, cfg.write.confidence) == (256, 32, [4, 3, 2, 1],
+                                                                                      "float16")
+
+
+def test_override_errors(pipeline_yaml):  # noqa: ANN001
+    assert "tile.sise: unknown key; did you mean 'size'?" in error_of(pipeline_yaml(), ["tile.sise=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["tile.size"])
+
+
+def test_missing_config_file(tmp_path):  # noqa: ANN001
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the models; regenerate with python -m geoseg.config."""
+    assert (ROOT / "docs" / "config.md").read_text() == config_reference_markdown() + "\n"
+
+
+def test_shipped_configs_validate():
+    from geoseg.config import TrainConfig, read_yaml, validate
+
+    data = read_yaml(ROOT / "configs" / "train-demo.yaml")
+    # The demo scenes may not exist yet: validate the structure with existing stand-in paths.
+    for scene in data["train"] + data["validation"]["scenes"]:
+        scene["image"] = scene["labels"] = str(ROOT / "pyproject.toml")
+    validate(TrainConfig, data, "train-demo.yaml", ROOT / "configs")
+    raw = read_yaml(ROOT / "pipelines" / "landcover.yaml")
+    raw["input"] = raw["model"] = str(ROOT / "pyproject.toml")
+    validate(PipelineConfig, raw, "landcover.yaml", ROOT / "pipelines")
