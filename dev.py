@@ -22,8 +22,10 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".geoseg-installed"
-# glibc otherwise hands the forward pass's buffers back to the OS after every batch (30-45% slower on CPU).
-ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# glibc otherwise hands the forward pass's buffers back to the OS after every batch (30-45% slower on CPU);
+# one arena keeps large blocks on the main heap for threads too (see geoseg/cluster.py).
+ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+       "MALLOC_ARENA_MAX": "1"}
 
 
 def say(msg: str) -> None:

@@ -80,7 +80,7 @@ class TileConfig(_Config):
         "the halo each window sees beyond its core."
     )
     chunk_tiles: int = Field(
-        2, ge=1, description="Tiles per Zarr chunk side. A chunk is one Dask task: larger chunks batch more tiles."
+        3, ge=1, description="Tiles per Zarr chunk side. A chunk is one Dask task: larger chunks batch more tiles."
     )
 
     @model_validator(mode="after")

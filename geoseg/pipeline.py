@@ -165,14 +165,15 @@ def _describe_file(path: Path, digest: bool) -> dict[str, Any]:
 def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool, client) -> None:  # noqa: ANN001
     import dask
     import dask.array as da
-    from distributed import as_completed
+    from dask.array.overlap import overlap
+    from distributed import as_completed, get_task_stream
 
     from geoseg.cluster import open_client, tasks_per_host
     from geoseg.grid import TileGrid
     from geoseg.infer import ModelPlugin, infer_chunk, model_key, resolve_device
     from geoseg.read import read_raster
     from geoseg.stitch import classify, stitch_scores
-    from geoseg.tile import create_tile_store, tile_chunk
+    from geoseg.tile import create_tile_store
     from geoseg.write import confidence_writer, encode_confidence, landcover_writer, write_qgis_style
 
     timings, out_dir = result.timings, cfg.output_dir
@@ -183,12 +184,12 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     n_classes = len(classes)
     device, precision = resolve_device(cfg.infer)
     work = out_dir / f".work-{os.getpid()}"
-    tiles_path = work / "tiles.zarr"
+    tiles_path = str(work / "tiles.zarr")
     scores_path = out_dir / "scores.zarr"
+    ny, nx = grid.chunks_shape
     result.stats.update(
         width=raster.width, height=raster.height, bands=list(raster.bands), crs=raster.crs.to_string(),
-        device=device, precision=precision, chunks=list(grid.chunks_shape), tile=cfg.tile.size,
-        overlap=cfg.tile.overlap,
+        device=device, precision=precision, chunks=[ny, nx], tile=cfg.tile.size, overlap=cfg.tile.overlap,
     )
 
     with ExitStack() as stack:
@@ -196,39 +197,35 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             client = stack.enter_context(open_client(cfg.cluster, use_gpu=device == "cuda"))
         if cfg.cluster.dashboard and client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
-        stack.callback(remove, work)
-        key = model_key(cfg.model, cfg.infer, tasks_per_host(client))
         if device == "cuda" and not _has_gpu_workers(client):
             raise InputError("infer.device: cuda needs workers started with --resources GPU=1; none found")
+        # CPU tasks split a host's cores; with fewer chunks than task threads each task may use more.
+        key = model_key(cfg.model, cfg.infer, min(tasks_per_host(client), ny * nx))
+        stack.callback(remove, work)
+        work.mkdir(parents=True, exist_ok=True)
+        create_tile_store(work / "tiles.zarr", raster, grid)
+        client.register_plugin(ModelPlugin(key))
 
-        with _timed(timings, "tile"):
-            work.mkdir(parents=True, exist_ok=True)
-            create_tile_store(tiles_path, raster, grid)
-            locs = [loc for loc, _ in grid.chunk_windows()]
-            futures = client.map(
-                tile_chunk, [raster] * len(locs), [str(tiles_path)] * len(locs), [grid] * len(locs),
-                [i for i, _ in locs], [j for _, j in locs], [cfg.read.nodata] * len(locs), pure=False,
-            )
-            counts = dict(zip(locs, client.gather(futures)))
-            del futures
-        n_valid = sum(counts.values())
-        result.stats["valid_pixels"] = n_valid
-
-        ny, nx = grid.chunks_shape
-        count_grid = np.array([[counts[(i, j)] for j in range(nx)] for i in range(ny)], dtype=np.int64)
-        if n_valid:
-            client.register_plugin(ModelPlugin(key))
+        # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits
+        # for the tile tasks of its 3 x 3 neighbourhood (its halo lives there), not for the whole scene.
+        token = dask.base.tokenize(tiles_path, cfg.model_dump(mode="json"), time.time())
+        tiled = da.block([[da.from_delayed(
+            dask.delayed(_tile_task, pure=False)(raster, tiles_path, grid, i, j, cfg.read.nodata,
+                                                 dask_key_name=f"geoseg-tile-{token}-{i}-{j}"),
+            shape=(1, 1), dtype=np.int64) for j in range(nx)] for i in range(ny)])
+        neighbourhood = overlap(tiled, depth={0: 1, 1: 1}, boundary="none")
         h = grid.halo
         rows, cols = grid.dask_chunks()
 
         def _infer(block: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001
-            _, i, j = block_info[None]["chunk-location"]
-            return infer_chunk(str(tiles_path), grid, i, j, key, n_classes, cfg.stitch.blend, int(block[0, 0]))
+            i, j = block_info[0]["chunk-location"]
+            own = int(block[1 if i > 0 else 0, 1 if j > 0 else 0])
+            return infer_chunk(tiles_path, grid, i, j, key, n_classes, cfg.stitch.blend, own)
 
         resources = {"GPU": 1} if device == "cuda" else None
         with dask.annotate(resources=resources) if resources else _nullcontext():
-            ext = da.from_array(count_grid, chunks=1).map_blocks(
-                _infer, dtype=np.float32, new_axis=0,
+            ext = neighbourhood.map_blocks(
+                _infer, dtype=np.float32, new_axis=0, name=f"geoseg-infer-{token}",
                 chunks=((n_classes + 1,), tuple(r + 2 * h for r in rows), tuple(c + 2 * h for c in cols)),
             )
         scores = stitch_scores(ext, grid)
@@ -243,15 +240,16 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             window = grid.chunk_window(i, j)
             r0, c0 = int(window.row_off), int(window.col_off)
             r1, c1 = r0 + int(window.height), c0 + int(window.width)
-            valid = zarr.open_group(str(tiles_path), mode="r")["valid"][r0:r1, c0:c1]
+            valid = zarr.open_group(tiles_path, mode="r")["valid"][r0:r1, c0:c1]
             labels, conf = classify(acc, valid, lut, cfg.write.nodata)
             if keep_scores:
                 probs = acc[:-1] / np.where(acc[-1] > 0, acc[-1], 1.0)
                 zarr.open_array(str(scores_path), mode="r+")[:, r0:r1, c0:c1] = probs.astype(np.float16)
-            return i, j, labels, conf, labels != cfg.write.nodata
+            return i, j, labels, conf, labels != cfg.write.nodata, int(valid.sum())
 
         blocks = scores.to_delayed()[0]
-        tasks = [dask.delayed(_finish)(blocks[i, j], i, j) for i in range(ny) for j in range(nx)]
+        tasks = [dask.delayed(_finish)(blocks[i, j], i, j, dask_key_name=f"geoseg-finish-{token}-{i}-{j}")
+                 for i in range(ny) for j in range(nx)]
 
         lc_path = out_dir / LANDCOVER
         writers = [landcover_writer(lc_path, raster, classes, cfg.write.nodata, compress=cfg.write.compress,
@@ -264,11 +262,13 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             stack.callback(writers[1].abort)
 
         bar = _progress(len(tasks), "segmenting", progress)
-        with _timed(timings, "infer_stitch"):
+        valid_counts = np.zeros((ny, nx), dtype=np.int64)
+        with _timed(timings, "tile_infer_stitch"), get_task_stream(client) as stream:
             try:
                 for fut in as_completed(client.compute(tasks)):
-                    i, j, labels, conf, known = fut.result()
+                    i, j, labels, conf, known, n_valid = fut.result()
                     fut.release()
+                    valid_counts[i, j] = n_valid
                     window = grid.chunk_window(i, j)
                     writers[0].write(window, labels)
                     if len(writers) > 1:
@@ -278,6 +278,9 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             finally:
                 if bar:
                     bar.stop()
+        result.stats["task_seconds"] = _task_seconds(stream.data)
+        result.stats["valid_pixels"] = int(valid_counts.sum())
+        result.stats["tiles_inferred"] = _count_inferred(grid, valid_counts)
         with _timed(timings, "write"):
             result.outputs["landcover"] = str(writers[0].close())
             result.outputs["qgis_style"] = str(write_qgis_style(lc_path.with_suffix(".qml"), classes, cfg.write.nodata))
@@ -290,7 +293,26 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 remove(kept)
                 os.replace(tiles_path, kept)
                 result.outputs["tiles"] = str(kept)
-        result.stats["tiles_inferred"] = _count_inferred(grid, count_grid)
+
+
+def _tile_task(raster, tiles_path: str, grid, i: int, j: int, nodata: float | None) -> np.ndarray:  # noqa: ANN001
+    from geoseg.tile import tile_chunk
+
+    return np.array([[tile_chunk(raster, tiles_path, grid, i, j, nodata)]], dtype=np.int64)
+
+
+def _task_seconds(records: list[dict]) -> dict[str, float]:
+    """Task compute seconds (summed over workers) per stage, from the scheduler's task stream."""
+    stages = {"tile": 0.0, "infer": 0.0, "stitch": 0.0}
+    for rec in records:
+        key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
+        key = str(key)
+        # Dask may fuse a tile task into its consumer's key ("from-value-geoseg-tile-..."), so match anywhere.
+        stage = "tile" if "geoseg-tile" in key else "infer" if key.startswith("geoseg-infer") else "stitch"
+        for ss in rec.get("startstops", ()):
+            if ss.get("action") == "compute":
+                stages[stage] += ss["stop"] - ss["start"]
+    return {k: round(v, 3) for k, v in stages.items()}
 
 
 class _nullcontext:
@@ -307,7 +329,7 @@ def _has_gpu_workers(client) -> bool:  # noqa: ANN001
 
 
 def _count_inferred(grid, count_grid: np.ndarray) -> int:  # noqa: ANN001
-    """Tiles in chunks with valid pixels (an upper bound of the tiles the model saw)."""
+    """Tiles of the chunks that hold valid pixels (what the model saw, up to tiles with an all-invalid core)."""
     total = 0
     for (i, j), window in grid.chunk_windows():
         if count_grid[i, j]:

@@ -159,7 +159,7 @@ def test_all_nodata_scene_skips_the_model(tmp_path, client, fcn_checkpoint, monk
     def boom(*a, **k):  # noqa: ANN002, ANN003
         raise AssertionError("the model must not run on an all-nodata scene")
 
-    monkeypatch.setattr(geoseg.infer, "get_predictor", boom)
+    monkeypatch.setattr(geoseg.infer.Predictor, "predict", boom)
     src = write_raster(tmp_path / "e.tif", np.zeros((4, 70, 90), dtype="uint16"), nodata=0)
     result = run_pipeline(pipeline_config(src, fcn_checkpoint, tmp_path / "o", tile={"size": 32, "overlap": 8}),
                           client=client)
@@ -244,7 +244,9 @@ def test_run_manifest(tmp_path, client, fcn_checkpoint, sample_scene):  # noqa: 
     assert manifest["config"]["tile"]["size"] == 64 and manifest["config"]["input"] == str(sample_scene.image)
     assert manifest["inputs"]["raster"]["size"] == sample_scene.image.stat().st_size
     assert len(manifest["inputs"]["model"]["sha256"]) == 64
-    assert set(manifest["timings_s"]) >= {"read", "tile", "infer_stitch", "write"}
+    assert set(manifest["timings_s"]) == {"read", "tile_infer_stitch", "write"}
+    assert set(manifest["stats"]["task_seconds"]) == {"tile", "infer", "stitch"}
+    assert all(v > 0 for v in manifest["stats"]["task_seconds"].values()), manifest["stats"]
     for path in manifest["outputs"].values():
         assert (tmp_path / "o" / path).exists()
     assert json.loads((tmp_path / "o" / "pipeline-config.json").read_text())["tile"]["overlap"] == 16

@@ -1,0 +1,87 @@
+"""Helpers shared by the benchmarks: malloc control, peak RSS of a process tree, cached sample scenes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_ARENA_MAX": "1"}
+
+
+def control_malloc(enabled: bool = True) -> str:
+    """Re-exec this script with the glibc malloc thresholds set (or explicitly unset) for every process.
+
+    glibc reads them at process start, so they must be in the environment before Python starts.
+    """
+    want = MALLOC if enabled else {}
+    current = {k: os.environ.get(k) for k in MALLOC}
+    if enabled and all(current[k] == v for k, v in MALLOC.items()):
+        return "MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4294967296, MALLOC_ARENA_MAX=1 (every process)"
+    if not enabled and not any(current.values()) and os.environ.get("GEOSEG_BENCH_MALLOC") == "off":
+        return "glibc malloc defaults (thresholds unset)"
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC}
+    env.update(want)
+    env["GEOSEG_BENCH_MALLOC"] = "on" if enabled else "off"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    raise AssertionError("unreachable")
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its children every 50 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def sample_scene(size: int, seed: int = 0) -> Path:
+    """A cached synthetic scene of ``size`` x ``size`` under benchmarks/results/data."""
+    from geoseg.sample import make_sample
+
+    out = RESULTS / "data" / f"scene-{size}-{seed}"
+    if not (out / "scene.tif").exists():
+        t0 = time.perf_counter()
+        make_sample(out, size, seed, block=2048)
+        print(f"  generated {size}x{size} sample in {time.perf_counter() - t0:.0f}s", flush=True)
+    return out / "scene.tif"
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, "
+            f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
