@@ -390,10 +390,53 @@ def validate(model: type[C], data: dict, source: str, base_dir: Path | None) -> 
         raise ConfigError(f"{source}: " + "; ".join(parts)) from None
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), model: type[C] = PipelineConfig) -> C:  # type: ignore[assignment]
-    """Load and validate a YAML config with ``--set`` style overrides."""
-    path = Path(path)
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config and the presets it names in ``extends`` (merged first, this file on top)."""
+    path = Path(path).absolute()
+    if path in _seen:
+        raise ConfigError(f"{path.name}: extends: circular include of {path}")
     data = read_yaml(path)
+    bases = data.pop("extends", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path.name}: extends: expected a path or a list of paths to preset YAML files")
+    merged: dict = {}
+    for base in bases:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if not base_path.exists():
+            raise ConfigError(f"{path.name}: extends: preset not found: {base_path}")
+        layer = read_config_tree(base_path, (*_seen, path))
+        # Relative paths in a preset are relative to the preset, not to the including file.
+        merged = _merge(merged, _absolute_paths(layer, base_path.parent))
+    return _merge(merged, data)
+
+
+_PATH_KEYS = {"input", "model", "output_dir", "output", "image", "labels"}
+
+
+def _absolute_paths(node: Any, base: Path) -> Any:
+    if isinstance(node, dict):
+        return {k: (str(base / v) if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
+                    else _absolute_paths(v, base)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_absolute_paths(v, base) for v in node]
+    return node
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), model: type[C] = PipelineConfig) -> C:  # type: ignore[assignment]
+    """Load and validate a YAML config (with its ``extends`` presets) and ``--set`` style overrides."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    data = read_config_tree(path)
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
     return validate(model, data, path.name, path.parent.absolute())
@@ -443,6 +486,9 @@ def config_reference_markdown() -> str:
         "Generated from `geoseg/config.py` (`python -m geoseg.config > docs/config.md`); a test keeps it current.",
         "Relative paths are resolved against the folder of the YAML file. Any key can be overridden on the",
         "command line with `--set key.sub=value` (repeatable). Unknown keys are errors.",
+        "",
+        "A file may start with `extends: [preset.yaml, ...]`: the presets (e.g. `configs/cpu-fast.yaml`,",
+        "`configs/legend-sample.yaml`) are merged first, then the file's own keys on top.",
         "",
     ]
     for title, model in (("Pipeline (`geoseg run`, `geoseg batch`)", PipelineConfig), ("Training (`geoseg train`)", TrainConfig)):

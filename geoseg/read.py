@@ -76,6 +76,7 @@ def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> RasterSpec:
             raise InputError(
                 f"{path}: read.bands selects {len(bands)} bands but the model expects {model.in_channels} ({names})"
             )
+        _check_band_order(path, src.descriptions, bands, model, explicit=cfg.bands is not None)
         nodata = cfg.nodata if cfg.nodata is not None else src.nodata
         return RasterSpec(
             path=Path(path),
@@ -89,6 +90,21 @@ def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> RasterSpec:
             bands=bands,
             band_names=tuple(src.descriptions[b - 1] for b in bands),
         )
+
+
+def _check_band_order(path: Path, descriptions: tuple, bands: tuple[int, ...], model: ModelSpec,
+                      explicit: bool) -> None:
+    """Refuse bands whose names show they are the model's bands in another order, and say the fix."""
+    want = [str(b["name"]).lower() for b in model.bands]
+    names = {str(d).lower(): i + 1 for i, d in enumerate(descriptions) if d}
+    have = [str(descriptions[b - 1]).lower() if descriptions[b - 1] else None for b in bands]
+    if explicit or have == want or not set(want) <= set(names):
+        return
+    fix = [names[n] for n in want]
+    raise InputError(
+        f"{path}: band names ({', '.join(str(h) for h in have)}) are not the model's bands in order "
+        f"({', '.join(want)}); set read.bands: {fix}"
+    )
 
 
 def read_window(

@@ -134,9 +134,10 @@ def test_config_reference_is_current():
 
 
 def test_shipped_configs_validate():
-    from geoseg.config import TrainConfig, read_yaml, validate
+    from geoseg.config import TrainConfig, read_config_tree, read_yaml, validate
 
-    data = read_yaml(ROOT / "configs" / "train-demo.yaml")
+    data = read_config_tree(ROOT / "configs" / "train-demo.yaml")
+    assert data["model"]["architecture"] == "unet" and len(data["classes"]) == 6
     # The demo scenes may not exist yet: validate the structure with existing stand-in paths.
     for scene in data["train"] + data["validation"]["scenes"]:
         scene["image"] = scene["labels"] = str(ROOT / "pyproject.toml")
@@ -144,3 +145,27 @@ def test_shipped_configs_validate():
     raw = read_yaml(ROOT / "pipelines" / "landcover.yaml")
     raw["input"] = raw["model"] = str(ROOT / "pyproject.toml")
     validate(PipelineConfig, raw, "landcover.yaml", ROOT / "pipelines")
+
+
+def test_extends_merges_presets_under_the_file(tmp_path, sample_scene, fcn_checkpoint):  # noqa: ANN001
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "fast.yaml").write_text("infer: {precision: bf16, batch_size: 2}\noutput_dir: out-from-preset\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"extends": ["presets/fast.yaml", str(ROOT / "configs" / "cpu-fast.yaml")],
+                                    "input": str(sample_scene.image), "model": str(fcn_checkpoint),
+                                    "infer": {"batch_size": 8}}))
+    cfg = load_config(path)
+    assert (cfg.infer.precision, cfg.infer.batch_size, cfg.infer.channels_last) == ("bf16", 8, True)
+    assert cfg.output_dir == presets / "out-from-preset"  # relative to the preset that set it
+
+
+def test_extends_errors(tmp_path):  # noqa: ANN001
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular include"):
+        load_config(a)
+    a.write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="a.yaml: extends: preset not found"):
+        load_config(a)

@@ -275,3 +275,29 @@ def test_unusable_rasters_are_refused(tmp_path, fcn_checkpoint):  # noqa: ANN001
     sheared = write_raster(tmp_path / "rot.tif", np.ones((4, 8, 8), "uint8"), transform=Affine(1, 0.5, 0, 0.2, -1, 8))
     with pytest.raises(InputError, match="rotated or sheared"):
         read_raster(sheared, ReadConfig(), spec)
+
+
+def test_band_order_mismatch_is_refused_with_the_fix(tmp_path, fcn_checkpoint):  # noqa: ANN001
+    from geoseg.config import ReadConfig
+    from geoseg.models import read_model_spec
+    from geoseg.read import read_raster
+
+    spec = read_model_spec(fcn_checkpoint)
+    path = write_raster(tmp_path / "rgbn.tif", np.ones((4, 8, 8), "uint16"),
+                        descriptions=["red", "green", "blue", "nir"])
+    with pytest.raises(InputError, match=r"not the model's bands in order \(blue, green, red, nir\); "
+                                         r"set read.bands: \[3, 2, 1, 4\]"):
+        read_raster(path, ReadConfig(), spec)
+    assert read_raster(path, ReadConfig(bands=[3, 2, 1, 4]), spec).bands == (3, 2, 1, 4)
+
+
+def test_tta_averages_the_logits_of_the_flips(fcn_checkpoint):  # noqa: ANN001
+    from geoseg.infer import ModelKey, Predictor
+
+    pred = Predictor(ModelKey(str(fcn_checkpoint), "cpu", "fp32", False, True, 2, 1))
+    x = np.random.default_rng(3).normal(size=(3, 4, 24, 24)).astype(np.float32)
+    t = torch.from_numpy(x)
+    with torch.inference_mode():
+        m = pred.model
+        logits = (m(t) + m(t.flip(-1)).flip(-1) + m(t.flip(-2)).flip(-2) + m(t.flip(-2, -1)).flip(-2, -1)) / 4
+    assert np.allclose(pred.predict(x), torch.softmax(logits, 1).numpy(), atol=1e-5)
