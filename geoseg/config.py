@@ -163,6 +163,36 @@ class ClusterConfig(_Config):
         return self
 
 
+class EvaluateConfig(_Config):
+    """Comparison with a reference map (skipped when no reference is given)."""
+
+    reference: Path | None = Field(
+        None, description="Reference land-cover map: a raster on any grid, or a vector file (.gpkg, .geojson, .shp)."
+    )
+    attribute: str = Field("class", description="Class attribute of a vector reference.")
+    layer: str | None = Field(None, description="Layer of a multi-layer vector reference.")
+    mapping: dict[int, int] = Field(
+        default_factory=dict, description="Reference code -> model class id, e.g. {11: 1, 12: 1}; unlisted codes "
+        "map to the class with the same id; codes that map to no class are reported, not counted.",
+    )
+    ignore: list[int] = Field(default_factory=list, description="Reference codes left out of the metrics.")
+    nodata: float | None = Field(None, description="Overrides the reference raster's own nodata.")
+    block: int = Field(2048, gt=0, description="Side of the windows the confusion matrix is streamed in.")
+
+    _resolve_paths = field_validator("reference", mode="before")(_resolve)
+
+    @field_validator("reference")
+    @classmethod
+    def _must_exist(cls, v: Path | None) -> Path | None:
+        return None if v is None else _existing_file(v)
+
+    def reference_spec(self):  # noqa: ANN201
+        """The :class:`geoseg.evaluate.Reference` this section describes."""
+        from geoseg.evaluate import Reference
+
+        return Reference(self.reference, self.attribute, dict(self.mapping), tuple(self.ignore), self.nodata, self.layer)
+
+
 class PipelineConfig(_Config):
     """A `geoseg run` pipeline: one scene in, a land-cover map out."""
 
@@ -175,6 +205,7 @@ class PipelineConfig(_Config):
     infer: InferConfig = Field(default_factory=InferConfig)
     stitch: StitchConfig = Field(default_factory=StitchConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     _resolve_paths = field_validator("input", "model", "output_dir", mode="before")(_resolve)
@@ -419,7 +450,7 @@ def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     return _merge(merged, data)
 
 
-_PATH_KEYS = {"input", "model", "output_dir", "output", "image", "labels"}
+_PATH_KEYS = {"input", "model", "output_dir", "output", "image", "labels", "reference"}
 
 
 def _absolute_paths(node: Any, base: Path) -> Any:

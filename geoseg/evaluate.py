@@ -1,11 +1,48 @@
-"""Evaluate stage: confusion matrices and the metrics derived from them.
+"""Evaluate stage: a land-cover raster against a reference map, streamed block by block.
 
-Matrices are mergeable parts (one per block, summed), so the numbers do not depend on chunking.
+The reference may be a raster on any grid (warped onto the prediction grid with nearest neighbour through a
+:class:`rasterio.vrt.WarpedVRT`, one window at a time) or a vector layer with a class attribute (the
+features of each window rasterized onto it). Reference codes are mapped to model classes; ignored codes and
+nodata are not counted, and codes that map to no class are reported. Every block yields a confusion matrix
+(one ``bincount``); the matrices are summed, so the numbers are identical whatever the chunking or the
+number of workers, and memory does not depend on the raster size.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
+from rasterio.windows import Window
+
+from geoseg.errors import InputError
+
+VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".gml", ".kml"}
+_NO_REF = -1  # rasterize fill: no reference feature here
+
+
+@dataclass(frozen=True)
+class Reference:
+    """How to read a reference map and map its codes to model class ids."""
+
+    path: Path
+    attribute: str = "class"
+    """Class attribute of a vector reference."""
+    mapping: dict[int, int] = field(default_factory=dict)
+    """Reference code -> class id; codes not listed map to the class with the same id, if any."""
+    ignore: tuple[int, ...] = ()
+    nodata: float | None = None
+    """Overrides the reference raster's own nodata."""
+    layer: str | None = None
+
+    @property
+    def is_vector(self) -> bool:
+        return self.path.suffix.lower() in VECTOR_SUFFIXES
+
+
+# ----------------------------------------------------------------------------------------------- matrices
 
 
 def confusion_matrix(reference: np.ndarray, prediction: np.ndarray, n_classes: int,
@@ -39,56 +76,222 @@ def mean_iou(cm: np.ndarray) -> float:
     return float(np.nanmean(iou[present])) if present.any() else float("nan")
 
 
-def _classes_of(path, ds) -> list[dict]:  # noqa: ANN001
-    import json
-
-    from geoseg.errors import InputError
-
-    raw = ds.tags().get("GEOSEG_CLASSES")
-    if not raw:
-        raise InputError(f"{path}: no GEOSEG_CLASSES metadata; is it a geoseg land-cover raster?")
-    return json.loads(raw)
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
 
 
-def evaluate_rasters(prediction, reference, block: int = 2048) -> dict:  # noqa: ANN001
-    """Metrics of a geoseg land-cover raster against a reference raster on the same grid.
+def metrics_from_confusion(cm: np.ndarray, classes: list[dict]) -> dict:
+    """Per-class IoU, precision, recall, F1, support and the summary scores, from a confusion matrix.
 
-    Reference codes are taken as class ids; the nodata of either raster is not counted. Read block by
-    block, so memory does not depend on the raster size.
+    A class absent from both maps has no IoU (``None``) and is left out of the means; the mean IoU is over
+    the classes present in the reference, named in ``mean_iou_classes``.
     """
-    from rasterio.windows import Window
-
-    from geoseg.errors import InputError
-    from geoseg.read import open_raster
-
-    with open_raster(prediction) as pred_ds, open_raster(reference) as ref_ds:
-        if (pred_ds.width, pred_ds.height, pred_ds.transform, pred_ds.crs) != (
-            ref_ds.width, ref_ds.height, ref_ds.transform, ref_ds.crs
-        ):
-            raise InputError(f"{reference}: grid differs from {prediction} (shape, transform or CRS)")
-        classes = _classes_of(prediction, pred_ds)
-        ids = [c["id"] for c in classes]
-        lut = np.full(65536, -1, dtype=np.int64)
-        lut[ids] = np.arange(len(ids))
-        cm = np.zeros((len(ids), len(ids)), dtype=np.int64)
-        for r0 in range(0, pred_ds.height, block):
-            for c0 in range(0, pred_ds.width, block):
-                win = Window(c0, r0, min(block, pred_ds.width - c0), min(block, pred_ds.height - r0))
-                p = pred_ds.read(1, window=win).astype(np.int64)
-                r = ref_ds.read(1, window=win).astype(np.int64)
-                mask = (pred_ds.read_masks(1, window=win) > 0) & (ref_ds.read_masks(1, window=win) > 0)
-                cm += confusion_matrix(lut[r.clip(0, 65535)], lut[p.clip(0, 65535)], len(ids), mask)
-    iou = iou_per_class(cm)
-    total = cm.sum()
+    cm = np.asarray(cm, dtype=np.int64)
+    total = int(cm.sum())
+    tp = np.diag(cm)
+    support, predicted = cm.sum(1), cm.sum(0)
+    rows = []
+    for k, c in enumerate(classes):
+        fp, fn = int(predicted[k] - tp[k]), int(support[k] - tp[k])
+        rows.append({
+            "id": c["id"], "name": c["name"], "color": c.get("color"), "support": int(support[k]),
+            "predicted": int(predicted[k]),
+            "iou": _ratio(tp[k], tp[k] + fp + fn), "precision": _ratio(tp[k], tp[k] + fp),
+            "recall": _ratio(tp[k], tp[k] + fn), "f1": _ratio(2 * tp[k], 2 * tp[k] + fp + fn),
+        })
+    present = [r for r in rows if r["support"] > 0]
+    ious = [r["iou"] for r in present]
+    pe = float((support.astype(np.float64) * predicted).sum()) / total**2 if total else 0.0
+    po = float(tp.sum()) / total if total else None
     return {
-        "prediction": str(prediction),
-        "reference": str(reference),
-        "classes": [
-            {**c, "iou": None if np.isnan(v) else float(v), "support": int(cm[k].sum())}
-            for k, (c, v) in enumerate(zip(classes, iou))
-        ],
-        "mean_iou": mean_iou(cm),
-        "overall_accuracy": float(np.trace(cm) / total) if total else None,
-        "pixels": int(total),
+        "classes": rows,
+        "mean_iou": float(np.mean(ious)) if ious else None,
+        "mean_iou_classes": [r["name"] for r in present],
+        "frequency_weighted_iou": (float(sum(r["support"] * r["iou"] for r in present) / total) if total else None),
+        "overall_accuracy": po,
+        "kappa": (po - pe) / (1 - pe) if total and pe < 1 else None,
+        "pixels": total,
         "confusion_matrix": cm.tolist(),
     }
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _code_lut(ref: Reference, class_ids: list[int], max_code: int) -> np.ndarray:
+    """Lookup: reference code -> class index, -2 ignored, -3 unmapped."""
+    lut = np.full(max_code + 1, -3, dtype=np.int64)
+    index = {cid: k for k, cid in enumerate(class_ids)}
+    for cid, k in index.items():
+        if 0 <= cid <= max_code:
+            lut[cid] = k
+    for code, cid in ref.mapping.items():
+        if cid not in index:
+            raise InputError(f"evaluate.mapping: {code}: {cid} is not a class id of the model ({class_ids})")
+        if 0 <= code <= max_code:
+            lut[code] = index[cid]
+    for code in ref.ignore:
+        if 0 <= code <= max_code:
+            lut[code] = -2
+    return lut
+
+
+def _read_reference_raster(ref: Reference, pred_grid: dict, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    with rasterio.open(ref.path) as src:
+        nodata = ref.nodata if ref.nodata is not None else src.nodata
+        same = (src.crs == pred_grid["crs"] and src.transform == pred_grid["transform"]
+                and (src.width, src.height) == (pred_grid["width"], pred_grid["height"]))
+        if same:
+            data = src.read(1, window=window)
+            valid = src.read_masks(1, window=window) > 0 if ref.nodata is None else data != nodata
+            return data, valid
+        with WarpedVRT(src, crs=pred_grid["crs"], transform=pred_grid["transform"], width=pred_grid["width"],
+                       height=pred_grid["height"], resampling=Resampling.nearest,
+                       src_nodata=nodata, nodata=nodata) as vrt:
+            data = vrt.read(1, window=window)
+            valid = vrt.read_masks(1, window=window) > 0
+            return data, valid
+
+
+def _read_reference_vector(ref: Reference, pred_grid: dict, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    import pyogrio
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import bounds as window_bounds
+    from rasterio.windows import transform as window_transform
+
+    info = pyogrio.read_info(ref.path, layer=ref.layer)
+    bbox = window_bounds(window, pred_grid["transform"])
+    if info["crs"] and str(info["crs"]) != str(pred_grid["crs"]):
+        bbox = transform_bounds(pred_grid["crs"], info["crs"], *bbox, densify_pts=21)
+    frame = pyogrio.read_dataframe(ref.path, layer=ref.layer, columns=[ref.attribute], bbox=tuple(bbox))
+    shape = (int(window.height), int(window.width))
+    if frame.empty:
+        return np.full(shape, _NO_REF, dtype=np.int64), np.zeros(shape, dtype=bool)
+    if frame.crs is not None and frame.crs != pred_grid["crs"]:
+        frame = frame.to_crs(pred_grid["crs"])
+    values = frame[ref.attribute].to_numpy()
+    data = rasterize(
+        ((geom, int(v)) for geom, v in zip(frame.geometry, values) if geom is not None and v is not None),
+        out_shape=shape, transform=window_transform(window, pred_grid["transform"]), fill=_NO_REF, dtype="int32",
+    ).astype(np.int64)
+    return data, data != _NO_REF
+
+
+def block_confusion(prediction: str, ref: Reference, pred_grid: dict, window: Window,
+                    class_ids: list[int]) -> tuple[np.ndarray, dict[int, int]]:
+    """Confusion matrix of one window, and the counts of reference codes that map to no class."""
+    import rasterio
+
+    with rasterio.open(prediction) as pred_ds:
+        pred = pred_ds.read(1, window=window).astype(np.int64)
+        pred_valid = pred_ds.read_masks(1, window=window) > 0
+    reader = _read_reference_vector if ref.is_vector else _read_reference_raster
+    codes, ref_valid = reader(ref, pred_grid, window)
+    codes = codes.astype(np.int64)
+    n = len(class_ids)
+    valid = pred_valid & ref_valid & (codes >= 0)
+    max_code = max(int(codes[valid].max(initial=0)), max(class_ids), *ref.mapping.keys(), *ref.ignore, 0)
+    lut = _code_lut(ref, class_ids, max_code)
+    ref_index = np.where(valid, lut[np.where(valid, codes, 0)], -2)
+    pred_lut = np.full(max(int(pred.max(initial=0)), max(class_ids)) + 1, -1, dtype=np.int64)
+    pred_lut[class_ids] = np.arange(n)
+    pred_index = pred_lut[pred.clip(0)]
+    unmapped_codes, counts = np.unique(codes[valid & (ref_index == -3) & (pred_index >= 0)], return_counts=True)
+    cm = confusion_matrix(ref_index, pred_index, n, valid)
+    return cm, {int(c): int(k) for c, k in zip(unmapped_codes, counts)}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _prediction_grid(prediction: Path) -> tuple[dict, list[dict]]:
+    from geoseg.read import open_raster
+
+    with open_raster(prediction) as ds:
+        raw = ds.tags().get("GEOSEG_CLASSES")
+        if not raw:
+            raise InputError(f"{prediction}: no GEOSEG_CLASSES metadata; is it a geoseg land-cover raster?")
+        grid = {"crs": ds.crs, "transform": ds.transform, "width": ds.width, "height": ds.height}
+        return grid, json.loads(raw)
+
+
+def _check_overlap(ref: Reference, grid: dict) -> None:
+    """Refuse a reference that does not overlap the prediction at all (and say where each lies)."""
+    from rasterio.coords import disjoint_bounds
+    from rasterio.transform import array_bounds
+    from rasterio.warp import transform_bounds
+
+    from geoseg.read import open_raster
+
+    west, south, east, north = array_bounds(grid["height"], grid["width"], grid["transform"])
+    pred_bounds = (west, south, east, north)
+    if not ref.path.exists():
+        raise InputError(f"{ref.path}: reference not found")
+    if ref.is_vector:
+        import pyogrio
+
+        try:
+            info = pyogrio.read_info(ref.path, layer=ref.layer)
+        except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for unreadable files
+            raise InputError(f"{ref.path}: not a vector file OGR can read ({exc})") from None
+        if ref.attribute not in list(info["fields"]):
+            raise InputError(f"{ref.path}: no attribute {ref.attribute!r}; available: {', '.join(info['fields'])}"
+                             " (set evaluate.attribute)")
+        ref_crs, ref_bounds = info["crs"], info["total_bounds"]
+    else:
+        with open_raster(ref.path) as src:
+            if src.crs is None:
+                raise InputError(f"{ref.path}: reference has no CRS")
+            ref_crs, ref_bounds = src.crs, src.bounds
+    if ref_crs is None:
+        raise InputError(f"{ref.path}: reference has no CRS")
+    in_pred_crs = transform_bounds(ref_crs, grid["crs"], *ref_bounds, densify_pts=21)
+    if disjoint_bounds(in_pred_crs, pred_bounds) or in_pred_crs[0] >= east or in_pred_crs[2] <= west:
+        raise InputError(f"{ref.path}: reference does not overlap the prediction (reference bounds "
+                         f"{tuple(round(v, 2) for v in in_pred_crs)}, prediction {tuple(round(v, 2) for v in pred_bounds)})")
+
+
+def evaluate_iou(prediction: Path, ref: Reference, *, client=None, block: int = 2048) -> dict:  # noqa: ANN001
+    """Metrics of a geoseg land-cover raster against a reference, streamed in ``block`` x ``block`` windows.
+
+    With a ``client`` the blocks run on the Dask cluster; otherwise on Dask's local threads.
+    """
+    import dask
+
+    grid, classes = _prediction_grid(Path(prediction))
+    _check_overlap(ref, grid)
+    class_ids = [c["id"] for c in classes]
+    windows = [Window(c0, r0, min(block, grid["width"] - c0), min(block, grid["height"] - r0))
+               for r0 in range(0, grid["height"], block) for c0 in range(0, grid["width"], block)]
+    tasks = [dask.delayed(block_confusion, pure=True)(str(prediction), ref, grid, w, class_ids)
+             for w in windows]
+    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    unmapped: dict[int, int] = {}
+
+    def _add(part: tuple[np.ndarray, dict[int, int]]) -> None:
+        nonlocal cm
+        cm += part[0]
+        for code, count in part[1].items():
+            unmapped[code] = unmapped.get(code, 0) + count
+
+    if client is not None:
+        from distributed import as_completed
+
+        for fut in as_completed(client.compute(tasks)):
+            _add(fut.result())
+            fut.release()
+    else:
+        # Reduce as results arrive would need a scheduler hook; blocks are small (one matrix each).
+        for part in dask.compute(*tasks, scheduler="threads"):
+            _add(part)
+    if cm.sum() == 0:
+        raise InputError(f"{ref.path}: no pixel is valid in both the prediction and the reference")
+    report = metrics_from_confusion(cm, classes)
+    report.update(prediction=str(prediction), reference=str(ref.path),
+                  unmapped_reference_codes={str(k): v for k, v in sorted(unmapped.items())})
+    return report

@@ -111,7 +111,10 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
     started = datetime.now(timezone.utc)
     spec = read_model_spec(cfg.model)
     check_model_fits(cfg, spec, "config")
-    for name in (LANDCOVER, CONFIDENCE, MANIFEST):
+    from geoseg.report import FILES as REPORT_FILES
+
+    reports = REPORT_FILES.values() if cfg.evaluate.reference else ()
+    for name in (LANDCOVER, CONFIDENCE, MANIFEST, *reports):
         check_overwrite(out_dir / name, cfg.overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +137,8 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
     try:
         _run_stages(cfg, spec, result, progress, client)
         manifest["status"] = "done"
+        if "metrics" in result.stats:
+            manifest["metrics"] = result.stats.pop("metrics")
     except BaseException as exc:
         manifest["status"] = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
         manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
@@ -293,6 +298,15 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 remove(kept)
                 os.replace(tiles_path, kept)
                 result.outputs["tiles"] = str(kept)
+        if cfg.evaluate.reference is not None:
+            from geoseg.evaluate import evaluate_iou
+            from geoseg.report import write_reports
+
+            with _timed(timings, "evaluate"):
+                report = evaluate_iou(lc_path, cfg.evaluate.reference_spec(), client=client, block=cfg.evaluate.block)
+                result.outputs.update(write_reports(report, out_dir, overwrite=cfg.overwrite))
+            result.stats["metrics"] = {k: report[k] for k in ("mean_iou", "mean_iou_classes", "overall_accuracy",
+                                                               "kappa", "frequency_weighted_iou", "pixels")}
 
 
 def _tile_task(raster, tiles_path: str, grid, i: int, j: int, nodata: float | None) -> np.ndarray:  # noqa: ANN001

@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_raster(path: Path, data: np.ndarray, *, crs: str = "EPSG:32632", transform=None, nodata=None,
-                 descriptions=None) -> Path:  # noqa: ANN001
+                 descriptions=None, tags=None) -> Path:  # noqa: ANN001
     """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF."""
     if data.ndim == 2:
         data = data[None]
@@ -24,6 +24,8 @@ def write_raster(path: Path, data: np.ndarray, *, crs: str = "EPSG:32632", trans
     with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
                        dtype=data.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
         dst.write(data)
+        if tags:
+            dst.update_tags(**tags)
         if descriptions:
             for i, d in enumerate(descriptions, 1):
                 dst.set_band_description(i, d)
