@@ -23,7 +23,8 @@ def check_overwrite(path: Path, overwrite: bool) -> None:
 
 
 def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``.NAME.tmp-PID.EXT`` beside ``path``: hidden, and GDAL still knows the format by its extension."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 def remove(path: Path) -> None:

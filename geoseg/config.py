@@ -163,6 +163,29 @@ class ClusterConfig(_Config):
         return self
 
 
+class VectorizeConfig(_Config):
+    """Polygons of the land-cover raster (GeoPackage, or FlatGeobuf by extension)."""
+
+    enabled: bool = Field(True, description="Write the vector output.")
+    output: str = Field("landcover.gpkg", description="File name in output_dir; .gpkg or .fgb.")
+    layer: str = Field("landcover", description="Layer name in the GeoPackage.")
+    connectivity: Literal[4, 8] = Field(4, description="Pixel connectivity of a polygon (as rasterio.features.shapes).")
+    min_area_px: int = Field(0, ge=0, description="Minimum mapping unit in pixels (0: keep every patch).")
+    min_area_m2: float = Field(0.0, ge=0, description="Minimum mapping unit in square metres (projected CRS); "
+                               "the larger of the two units applies.")
+    simplify: float = Field(0.0, ge=0, description="Topology-preserving simplification tolerance in CRS units.")
+    block: int = Field(2048, ge=64, description="Block side for chunked polygonizing.")
+
+    @field_validator("output")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if Path(v).name != v or v in ("", ".", ".."):
+            raise ValueError(f"must be a file name inside output_dir, not a path (got {v!r})")
+        if Path(v).suffix.lower() not in (".gpkg", ".fgb"):
+            raise ValueError(f"extension must be .gpkg or .fgb (got {v!r})")
+        return v
+
+
 class EvaluateConfig(_Config):
     """Comparison with a reference map (skipped when no reference is given)."""
 
@@ -205,6 +228,7 @@ class PipelineConfig(_Config):
     infer: InferConfig = Field(default_factory=InferConfig)
     stitch: StitchConfig = Field(default_factory=StitchConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
+    vectorize: VectorizeConfig = Field(default_factory=VectorizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 

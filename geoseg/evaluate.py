@@ -147,7 +147,7 @@ def _read_reference_raster(ref: Reference, pred_grid: dict, window: Window) -> t
                 and (src.width, src.height) == (pred_grid["width"], pred_grid["height"]))
         if same:
             data = src.read(1, window=window)
-            valid = src.read_masks(1, window=window) > 0 if ref.nodata is None else data != nodata
+            valid = data != nodata if nodata is not None else src.read_masks(1, window=window) > 0
             return data, valid
         with WarpedVRT(src, crs=pred_grid["crs"], transform=pred_grid["transform"], width=pred_grid["width"],
                        height=pred_grid["height"], resampling=Resampling.nearest,
@@ -188,22 +188,33 @@ def block_confusion(prediction: str, ref: Reference, pred_grid: dict, window: Wi
     import rasterio
 
     with rasterio.open(prediction) as pred_ds:
-        pred = pred_ds.read(1, window=window).astype(np.int64)
-        pred_valid = pred_ds.read_masks(1, window=window) > 0
+        pred = pred_ds.read(1, window=window)
+        # A nodata value is cheaper to test than decoding the dataset mask a second time.
+        pred_valid = pred != pred_ds.nodata if pred_ds.nodata is not None else pred_ds.read_masks(1, window=window) > 0
     reader = _read_reference_vector if ref.is_vector else _read_reference_raster
     codes, ref_valid = reader(ref, pred_grid, window)
-    codes = codes.astype(np.int64)
     n = len(class_ids)
-    valid = pred_valid & ref_valid & (codes >= 0)
-    max_code = max(int(codes[valid].max(initial=0)), max(class_ids), *ref.mapping.keys(), *ref.ignore, 0)
+    valid = pred_valid & ref_valid
+    if codes.dtype.kind == "f":
+        valid &= np.isfinite(codes) & (codes == np.round(codes))
+    if codes.dtype.kind in "if":
+        valid &= codes >= 0
+    codes = np.where(valid, codes, 0).astype(np.int64, copy=False)
+    max_code = max(int(codes.max(initial=0)), max(class_ids), *ref.mapping.keys(), *ref.ignore, 0)
     lut = _code_lut(ref, class_ids, max_code)
-    ref_index = np.where(valid, lut[np.where(valid, codes, 0)], -2)
+    ref_index = lut[codes]
     pred_lut = np.full(max(int(pred.max(initial=0)), max(class_ids)) + 1, -1, dtype=np.int64)
     pred_lut[class_ids] = np.arange(n)
-    pred_index = pred_lut[pred.clip(0)]
-    unmapped_codes, counts = np.unique(codes[valid & (ref_index == -3) & (pred_index >= 0)], return_counts=True)
-    cm = confusion_matrix(ref_index, pred_index, n, valid)
-    return cm, {int(c): int(k) for c, k in zip(unmapped_codes, counts)}
+    pred_index = pred_lut[pred.astype(np.int64, copy=False).clip(0)]
+    counted = valid & (pred_index >= 0)
+    unmapped: dict[int, int] = {}
+    orphan = counted & (ref_index == -3)
+    if orphan.any():
+        hist = np.bincount(codes[orphan].ravel())
+        unmapped = {int(c): int(hist[c]) for c in np.flatnonzero(hist)}
+    keep = counted & (ref_index >= 0)
+    cm = np.bincount((ref_index[keep] * n + pred_index[keep]), minlength=n * n).reshape(n, n)
+    return cm, unmapped
 
 
 # ----------------------------------------------------------------------------------------------- driver

@@ -114,7 +114,8 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
     from geoseg.report import FILES as REPORT_FILES
 
     reports = REPORT_FILES.values() if cfg.evaluate.reference else ()
-    for name in (LANDCOVER, CONFIDENCE, MANIFEST, *reports):
+    vector = (cfg.vectorize.output,) if cfg.vectorize.enabled else ()
+    for name in (LANDCOVER, CONFIDENCE, MANIFEST, *reports, *vector):
         check_overwrite(out_dir / name, cfg.overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +299,14 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 remove(kept)
                 os.replace(tiles_path, kept)
                 result.outputs["tiles"] = str(kept)
+        if cfg.vectorize.enabled:
+            from geoseg.vectorize import vectorize_classes
+
+            with _timed(timings, "vectorize"):
+                info = vectorize_classes(lc_path, out_dir / cfg.vectorize.output, vectorize_options(cfg, raster),
+                                         client=client, overwrite=cfg.overwrite)
+            result.outputs["vector"] = info["path"]
+            result.stats["polygons"] = info["features"]
         if cfg.evaluate.reference is not None:
             from geoseg.evaluate import evaluate_iou
             from geoseg.report import write_reports
@@ -327,6 +336,22 @@ def _task_seconds(records: list[dict]) -> dict[str, float]:
             if ss.get("action") == "compute":
                 stages[stage] += ss["stop"] - ss["start"]
     return {k: round(v, 3) for k, v in stages.items()}
+
+
+def vectorize_options(cfg: PipelineConfig, raster):  # noqa: ANN001, ANN201
+    """VectorizeOptions from the config; a minimum area in m2 becomes pixels on the raster's grid."""
+    from geoseg.vectorize import VectorizeOptions
+
+    v = cfg.vectorize
+    px = v.min_area_px
+    if v.min_area_m2 > 0:
+        if not raster.crs.is_projected:
+            raise ConfigError("vectorize.min_area_m2: needs a projected CRS; use vectorize.min_area_px")
+        factor = raster.crs.linear_units_factor[1]
+        pixel_m2 = abs(raster.transform.a * raster.transform.e) * factor**2
+        px = max(px, int(np.ceil(v.min_area_m2 / pixel_m2)))
+    return VectorizeOptions(layer=v.layer, connectivity=v.connectivity, min_area_px=px, simplify=v.simplify,
+                            block=v.block)
 
 
 class _nullcontext:

@@ -244,7 +244,8 @@ def test_run_manifest(tmp_path, client, fcn_checkpoint, sample_scene):  # noqa: 
     assert manifest["config"]["tile"]["size"] == 64 and manifest["config"]["input"] == str(sample_scene.image)
     assert manifest["inputs"]["raster"]["size"] == sample_scene.image.stat().st_size
     assert len(manifest["inputs"]["model"]["sha256"]) == 64
-    assert set(manifest["timings_s"]) == {"read", "tile_infer_stitch", "write"}
+    assert set(manifest["timings_s"]) == {"read", "tile_infer_stitch", "write", "vectorize"}
+    assert manifest["stats"]["polygons"] > 0 and manifest["outputs"]["vector"].endswith("landcover.gpkg")
     assert set(manifest["stats"]["task_seconds"]) == {"tile", "infer", "stitch"}
     assert all(v > 0 for v in manifest["stats"]["task_seconds"].values()), manifest["stats"]
     for path in manifest["outputs"].values():

@@ -33,9 +33,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import batch, evaluate, run, sample, train
+    from geoseg.cli import batch, evaluate, run, sample, train, vectorize
 
-    for module in (run, batch, train, evaluate, sample):
+    for module in (run, batch, train, evaluate, vectorize, sample):
         cli.add_command(module.command)
 
 
