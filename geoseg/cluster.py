@@ -22,6 +22,17 @@ from geoseg.errors import ClusterError
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_ARENA_MAX": "1"}
 
 
+def quiet_dask_logs() -> None:
+    """Keep Dask's per-event INFO lines (scheduler start, plugins, ...) off the user's terminal.
+
+    distributed gives its child loggers explicit levels, so the parent's level is not enough.
+    """
+    verbose = logging.getLogger("geoseg").getEffectiveLevel() <= logging.DEBUG
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
 def gpu_count() -> int:
     try:
         import torch
@@ -34,6 +45,7 @@ def gpu_count() -> int:
 @contextmanager
 def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
     """Yield a connected client; a LocalCluster is closed on exit, a remote scheduler is left running."""
+    quiet_dask_logs()
     if cfg.backend == "address":
         try:
             client = Client(cfg.address, timeout=f"{cfg.timeout_s}s")

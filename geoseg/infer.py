@@ -149,19 +149,19 @@ def read_extended(tiles_path: str, grid: TileGrid, core: Window) -> tuple[np.nda
 
 def infer_chunk(
     tiles_path: str, grid: TileGrid, i: int, j: int, key: ModelKey, n_classes: int, blend: str, core_valid: int
-) -> np.ndarray:
-    """Weighted probability sums over chunk ``(i, j)``'s extended window.
+) -> tuple[np.ndarray, int]:
+    """Weighted probability sums over chunk ``(i, j)``'s extended window, and the number of tiles inferred.
 
-    Returns ``(n_classes + 1, core_h + 2*halo, core_w + 2*halo)`` float32: channel ``k < n_classes`` holds
-    ``sum(w * p_k)`` over the chunk's tiles and the last channel ``sum(w)``. A tile is inferred only when its
-    core holds a valid pixel, a rule that does not depend on the chunking.
+    The sums are ``(n_classes + 1, core_h + 2*halo, core_w + 2*halo)`` float32: channel ``k < n_classes``
+    holds ``sum(w * p_k)`` over the chunk's tiles and the last channel ``sum(w)``. A tile is inferred only
+    when its core holds a valid pixel, a rule that does not depend on the chunking.
     """
     core = grid.chunk_window(i, j)
     h = grid.halo
     out_h, out_w = int(core.height) + 2 * h, int(core.width) + 2 * h
     acc = np.zeros((n_classes + 1, out_h, out_w), dtype=np.float32)
     if core_valid == 0:
-        return acc
+        return acc, 0
     data, valid = read_extended(tiles_path, grid, core)
     # The tile grid is anchored at the scene origin, so the first tile core starts at the chunk core.
     # Mask out what lies beyond the scene: padding gives context but is never a pixel to predict.
@@ -175,7 +175,7 @@ def infer_chunk(
         if (valid[r + h : r + h + s, c + h : c + h + s] & in_scene[r + h : r + h + s, c + h : c + h + s]).any()
     ]
     if not todo:
-        return acc
+        return acc, 0
     predictor = get_predictor(key)
     x = predictor.normalize(data, valid)
     batch = np.stack([x[:, r : r + size, c : c + size] for r, c in todo])
@@ -188,7 +188,7 @@ def infer_chunk(
             continue
         acc[:n_classes, r : r + hh, c : c + ww] += p[:, :hh, :ww] * weight[:hh, :ww]
         acc[n_classes, r : r + hh, c : c + ww] += weight[:hh, :ww]
-    return acc
+    return acc, len(todo)
 
 
 def model_key(checkpoint: Path, cfg: InferConfig, tasks_per_machine: int) -> ModelKey:

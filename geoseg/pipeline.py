@@ -178,7 +178,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     from geoseg.grid import TileGrid
     from geoseg.infer import ModelPlugin, infer_chunk, model_key, resolve_device
     from geoseg.read import read_raster
-    from geoseg.stitch import classify, stitch_scores
+    from geoseg.stitch import classify, create_accumulator_store, merge_chunk, store_accumulator
     from geoseg.tile import create_tile_store
     from geoseg.write import confidence_writer, encode_confidence, landcover_writer, write_qgis_style
 
@@ -191,6 +191,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     device, precision = resolve_device(cfg.infer)
     work = out_dir / f".work-{os.getpid()}"
     tiles_path = str(work / "tiles.zarr")
+    acc_path = str(work / "accumulators.zarr")
     scores_path = out_dir / "scores.zarr"
     ny, nx = grid.chunks_shape
     result.stats.update(
@@ -210,6 +211,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         stack.callback(remove, work)
         work.mkdir(parents=True, exist_ok=True)
         create_tile_store(work / "tiles.zarr", raster, grid)
+        create_accumulator_store(acc_path, grid, n_classes)
         client.register_plugin(ModelPlugin(key))
 
         # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits
@@ -220,29 +222,28 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                                                  dask_key_name=f"geoseg-tile-{token}-{i}-{j}"),
             shape=(1, 1), dtype=np.int64) for j in range(nx)] for i in range(ny)])
         neighbourhood = overlap(tiled, depth={0: 1, 1: 1}, boundary="none")
-        h = grid.halo
-        rows, cols = grid.dask_chunks()
 
         def _infer(block: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001
             i, j = block_info[0]["chunk-location"]
             own = int(block[1 if i > 0 else 0, 1 if j > 0 else 0])
-            return infer_chunk(tiles_path, grid, i, j, key, n_classes, cfg.stitch.blend, own)
+            ext, n_tiles = infer_chunk(tiles_path, grid, i, j, key, n_classes, cfg.stitch.blend, own)
+            store_accumulator(acc_path, grid, i, j, ext)
+            return np.array([[n_tiles]], dtype=np.int64)
 
         resources = {"GPU": 1} if device == "cuda" else None
         with dask.annotate(resources=resources) if resources else _nullcontext():
-            ext = neighbourhood.map_blocks(
-                _infer, dtype=np.float32, new_axis=0, name=f"geoseg-infer-{token}",
-                chunks=((n_classes + 1,), tuple(r + 2 * h for r in rows), tuple(c + 2 * h for c in cols)),
-            )
-        scores = stitch_scores(ext, grid)
+            inferred = neighbourhood.map_blocks(_infer, dtype=np.int64, chunks=(1, 1), name=f"geoseg-infer-{token}")
+        # Stitching a chunk waits for the inference of its 3 x 3 neighbourhood: their halos fall on its core.
+        stitch_inputs = overlap(inferred, depth={0: 1, 1: 1}, boundary="none").to_delayed()
         lut = classes.index_to_id()
         keep_scores = cfg.write.keep_scores
         if keep_scores:
             _create_scores_store(scores_path, raster, grid, classes, cfg.overwrite)
 
-        def _finish(acc: np.ndarray, i: int, j: int):
+        def _finish(tiles_done: np.ndarray, i: int, j: int):
             import zarr
 
+            acc = merge_chunk(acc_path, grid, i, j)
             window = grid.chunk_window(i, j)
             r0, c0 = int(window.row_off), int(window.col_off)
             r1, c1 = r0 + int(window.height), c0 + int(window.width)
@@ -251,10 +252,10 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             if keep_scores:
                 probs = acc[:-1] / np.where(acc[-1] > 0, acc[-1], 1.0)
                 zarr.open_array(str(scores_path), mode="r+")[:, r0:r1, c0:c1] = probs.astype(np.float16)
-            return i, j, labels, conf, labels != cfg.write.nodata, int(valid.sum())
+            own = int(tiles_done[1 if i > 0 else 0, 1 if j > 0 else 0])
+            return i, j, labels, conf, labels != cfg.write.nodata, int(valid.sum()), own
 
-        blocks = scores.to_delayed()[0]
-        tasks = [dask.delayed(_finish)(blocks[i, j], i, j, dask_key_name=f"geoseg-finish-{token}-{i}-{j}")
+        tasks = [dask.delayed(_finish)(stitch_inputs[i, j], i, j, dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
                  for i in range(ny) for j in range(nx)]
 
         lc_path = out_dir / LANDCOVER
@@ -269,12 +270,14 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
         bar = _progress(len(tasks), "segmenting", progress)
         valid_counts = np.zeros((ny, nx), dtype=np.int64)
+        tiles_inferred = 0
         with _timed(timings, "tile_infer_stitch"), get_task_stream(client) as stream:
             try:
                 for fut in as_completed(client.compute(tasks)):
-                    i, j, labels, conf, known, n_valid = fut.result()
+                    i, j, labels, conf, known, n_valid, n_tiles = fut.result()
                     fut.release()
                     valid_counts[i, j] = n_valid
+                    tiles_inferred += n_tiles
                     window = grid.chunk_window(i, j)
                     writers[0].write(window, labels)
                     if len(writers) > 1:
@@ -286,7 +289,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                     bar.stop()
         result.stats["task_seconds"] = _task_seconds(stream.data)
         result.stats["valid_pixels"] = int(valid_counts.sum())
-        result.stats["tiles_inferred"] = _count_inferred(grid, valid_counts)
+        result.stats["tiles_inferred"] = tiles_inferred
         with _timed(timings, "write"):
             result.outputs["landcover"] = str(writers[0].close())
             result.outputs["qgis_style"] = str(write_qgis_style(lc_path.with_suffix(".qml"), classes, cfg.write.nodata))
@@ -365,15 +368,6 @@ class _nullcontext:
 def _has_gpu_workers(client) -> bool:  # noqa: ANN001
     workers = client.scheduler_info().get("workers", {}).values()
     return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers)
-
-
-def _count_inferred(grid, count_grid: np.ndarray) -> int:  # noqa: ANN001
-    """Tiles of the chunks that hold valid pixels (what the model saw, up to tiles with an all-invalid core)."""
-    total = 0
-    for (i, j), window in grid.chunk_windows():
-        if count_grid[i, j]:
-            total += grid.tiles_per_side(int(window.height)) * grid.tiles_per_side(int(window.width))
-    return total
 
 
 def _create_scores_store(path: Path, raster, grid, classes, overwrite: bool) -> None:  # noqa: ANN001

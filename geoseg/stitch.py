@@ -1,64 +1,90 @@
-"""Stitch stage: merge the overlapping tile predictions of neighbouring chunks, then pick classes.
+"""Stitch stage: add the overlapping tile predictions of neighbouring chunks, then pick classes.
 
-Each chunk's inference returns weighted probability sums over its *extended* window (core plus halo).
-The halo of one chunk lies on the core of its neighbour, so the sums are exchanged with
-:func:`dask.array.overlap.overlap` (the halo exchange primitive) and added onto the cores here: the result
-equals blending every tile of the scene at once, whatever the chunking. Class ids come from the
-probabilities (never from argmax labels of single tiles).
+Each chunk's inference yields weighted probability sums over its *extended* window (core plus a halo of
+``overlap // 2``); the halo lies on the neighbours' cores. The inference task stores its core and its four
+halo strips in a Zarr accumulator store; the stitch task of a chunk adds its neighbours' strips onto its
+core. The sums equal blending every tile of the scene at once, whatever the chunking.
+
+Why not :func:`dask.array.overlap.overlap`: it exchanges halos by slicing whole neighbour blocks, so each
+block's full accumulator (classes x chunk^2 float32) stays in worker memory until all its neighbours are
+stitched - about three rows of chunks, so peak memory grew with the scene's width (6.5 GiB at 16384^2).
+Through the store, a task holds only its own chunk.
 """
 
 from __future__ import annotations
 
-from itertools import product
-
-import dask.array as da
 import numpy as np
-from dask.array.overlap import overlap
+import zarr
 
 from geoseg.grid import TileGrid
 
-
-def _segments(core: int, halo: int, has_before: bool, has_after: bool) -> list[tuple[slice, slice]]:
-    """(source, target) slices along one axis of an overlapped block, all clipped to the core.
-
-    Block layout: [neighbour-before's trailing halo] [own halo | own core | own halo] [neighbour-after's
-    leading halo]. The neighbour strips land on the first and last ``halo`` pixels of the core.
-    """
-    lead = halo if has_before else 0
-    segs = [(slice(lead + halo, lead + halo + core), slice(0, core))]
-    if halo:
-        n = min(halo, core)
-        if has_before:
-            segs.append((slice(0, n), slice(0, n)))
-        if has_after:
-            start = lead + halo + core + halo
-            segs.append((slice(start + halo - n, start + halo), slice(core - n, core)))
-    return segs
-
-
-def merge_block(block: np.ndarray, grid: TileGrid, i: int, j: int) -> np.ndarray:
-    """Sum a chunk's own accumulator and its neighbours' halos onto its core."""
+def create_accumulator_store(path: str, grid: TileGrid, n_classes: int) -> None:
+    """Empty store: ``core`` (classes + 1, H, W) plus the four halo strips of every chunk."""
     ny, nx = grid.chunks_shape
+    c, h, k = grid.chunk, grid.halo, n_classes + 1
+    group = zarr.open_group(path, mode="w")
+    group.create_array("core", shape=(k, grid.height, grid.width), dtype="float32", chunks=(k, c, c), fill_value=0)
+    if h:
+        for name in ("top", "bottom"):
+            group.create_array(name, shape=(ny, nx, k, h, c + 2 * h), dtype="float32", chunks=(1, 1, k, h, c + 2 * h),
+                               fill_value=0)
+        for name in ("left", "right"):
+            group.create_array(name, shape=(ny, nx, k, c, h), dtype="float32", chunks=(1, 1, k, c, h), fill_value=0)
+
+
+def store_accumulator(path: str, grid: TileGrid, i: int, j: int, ext: np.ndarray) -> None:
+    """Write chunk ``(i, j)``'s extended accumulator: its core, and its halo as four strips."""
+    group = zarr.open_group(path, mode="r+")
     core = grid.chunk_window(i, j)
-    rows = _segments(int(core.height), grid.halo, i > 0, i < ny - 1)
-    cols = _segments(int(core.width), grid.halo, j > 0, j < nx - 1)
-    out = np.zeros((block.shape[0], int(core.height), int(core.width)), dtype=np.float32)
-    for (rs, rt), (cs, ct) in product(rows, cols):
-        out[:, rt, ct] += block[:, rs, cs]
-    return out
-
-
-def stitch_scores(ext: da.Array, grid: TileGrid) -> da.Array:
-    """Merged accumulators (classes + 1, H, W) from the per-chunk extended accumulators."""
+    r0, c0, ch, cw = int(core.row_off), int(core.col_off), int(core.height), int(core.width)
     h = grid.halo
-    merged = overlap(ext, depth={0: 0, 1: h, 2: h}, boundary="none") if h else ext
-    row_chunks, col_chunks = grid.dask_chunks()
+    group["core"][:, r0 : r0 + ch, c0 : c0 + cw] = ext[:, h : h + ch, h : h + cw]
+    if h:
+        group["top"][i, j, :, :, : cw + 2 * h] = ext[:, :h, :]
+        group["bottom"][i, j, :, :, : cw + 2 * h] = ext[:, h + ch :, :]
+        group["left"][i, j, :, :ch, :] = ext[:, h : h + ch, :h]
+        group["right"][i, j, :, :ch, :] = ext[:, h : h + ch, h + cw :]
 
-    def _merge(block: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001
-        _, i, j = block_info[0]["chunk-location"]
-        return merge_block(block, grid, i, j)
 
-    return merged.map_blocks(_merge, dtype=np.float32, chunks=(ext.chunks[0], row_chunks, col_chunks))
+def _strip_rect(grid: TileGrid, name: str, i: int, j: int) -> tuple[int, int, int, int]:
+    """Global (row0, col0, rows, cols) a stored strip of chunk ``(i, j)`` covers."""
+    core = grid.chunk_window(i, j)
+    r0, c0, ch, cw = int(core.row_off), int(core.col_off), int(core.height), int(core.width)
+    h = grid.halo
+    return {
+        "top": (r0 - h, c0 - h, h, cw + 2 * h),
+        "bottom": (r0 + ch, c0 - h, h, cw + 2 * h),
+        "left": (r0, c0 - h, ch, h),
+        "right": (r0, c0 + cw, ch, h),
+    }[name]
+
+
+#: Which strip of which neighbour reaches into a chunk's core: (row offset, col offset, strip).
+_NEIGHBOUR_STRIPS = [(-1, dj, "bottom") for dj in (-1, 0, 1)] + [(1, dj, "top") for dj in (-1, 0, 1)] + [
+    (0, -1, "right"), (0, 1, "left")]
+
+
+def merge_chunk(path: str, grid: TileGrid, i: int, j: int) -> np.ndarray:
+    """Chunk ``(i, j)``'s core accumulator plus every neighbour halo that falls on it."""
+    group = zarr.open_group(path, mode="r")
+    core = grid.chunk_window(i, j)
+    r0, c0, ch, cw = int(core.row_off), int(core.col_off), int(core.height), int(core.width)
+    acc = group["core"][:, r0 : r0 + ch, c0 : c0 + cw]
+    if not grid.halo:
+        return acc
+    ny, nx = grid.chunks_shape
+    for di, dj, name in _NEIGHBOUR_STRIPS:
+        ni, nj = i + di, j + dj
+        if not (0 <= ni < ny and 0 <= nj < nx):
+            continue
+        sr, sc, sh, sw = _strip_rect(grid, name, ni, nj)
+        top, left = max(sr, r0), max(sc, c0)
+        bottom, right = min(sr + sh, r0 + ch), min(sc + sw, c0 + cw)
+        if top >= bottom or left >= right:
+            continue
+        strip = group[name][ni, nj, :, top - sr : bottom - sr, left - sc : right - sc]
+        acc[:, top - r0 : bottom - r0, left - c0 : right - c0] += strip
+    return acc
 
 
 def classify(acc: np.ndarray, valid: np.ndarray, lut: np.ndarray, nodata: int) -> tuple[np.ndarray, np.ndarray]:
