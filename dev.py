@@ -60,6 +60,8 @@ def demo(extra: list[str]) -> None:
         run(geoseg, "sample", "data/sample", "--size", "1024", "--seed", "0")
     if not (ROOT / "data/sample-val/scene.tif").exists():
         run(geoseg, "sample", "data/sample-val", "--size", "512", "--seed", "1")
+    if not (ROOT / "data/sample-test/scene.tif").exists():
+        run(geoseg, "sample", "data/sample-test", "--size", "1024", "--seed", "2")
     if not (ROOT / "models/demo.safetensors").exists():
         say("training the demo model (about 2 minutes on 2 cores)")
         run(geoseg, "train", "configs/train-demo.yaml")

@@ -178,9 +178,9 @@ def memory(args: argparse.Namespace, malloc: str) -> dict:
     from geoseg.cluster import open_client
 
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-bench-"))
-    ckpt = make_model(tmp / "model.safetensors", "fcn")
-    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: fcn (depth 6, width 32), tile {args.tile}, "
-          f"overlap {args.overlap}", flush=True)
+    ckpt = make_model(tmp / "model.safetensors", args.arch)
+    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {args.arch}-resnet18 (random weights), tile {args.tile}, "
+          f"overlap {args.overlap}, batch {args.batch}, {args.workers} worker x {args.threads} threads", flush=True)
     rows = {}
     for size in args.memory:
         scene = sample_scene(size)

@@ -44,6 +44,8 @@ class ModelKey:
 
 def resolve_device(cfg: InferConfig) -> tuple[str, str]:
     """(device, precision) after resolving 'auto'."""
+    if cfg.device == "cpu":  # no torch import in the client process when nothing needs probing
+        return "cpu", "fp32" if cfg.precision == "auto" else cfg.precision
     import torch
 
     device = cfg.device

@@ -184,7 +184,8 @@ def load_checkpoint(path: str | Path, weights: bool = True) -> tuple[ModelSpec, 
     path = Path(path)
     _check_exists(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # The header alone needs no torch ("numpy" framework): the client reads specs without importing it.
+        with safe_open(str(path), framework="pt" if weights else "numpy") as f:
             meta = f.metadata() or {}
             if "geoseg" not in meta:
                 raise CheckpointError(f"{path}: safetensors file has no geoseg header; save it with geoseg train")

@@ -200,6 +200,12 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     )
 
     with ExitStack() as stack:
+        import rasterio
+
+        from geoseg.cluster import GDAL_CACHE_MB
+
+        # The writers stream a scene-sized raster through GDAL's block cache in this process.
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
         if client is None:
             client = stack.enter_context(open_client(cfg.cluster, use_gpu=device == "cuda"))
         if cfg.cluster.dashboard and client.dashboard_link:
