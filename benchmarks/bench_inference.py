@@ -113,6 +113,7 @@ def pipeline_config(scene: Path, checkpoint: Path, out: Path, tile: int, overlap
         "tile": {"size": tile, "overlap": overlap},
         "infer": {"batch_size": batch, "precision": precision, "channels_last": channels_last, "device": "cpu"},
         "cluster": {"n_workers": workers, "threads_per_worker": threads},
+        "vectorize": {"enabled": False},  # (b) is read, tile, infer, stitch, write: what (c) does too
     }, "bench", None)
 
 

@@ -1,9 +1,10 @@
 """Infer stage: per-chunk batched model inference on Dask workers.
 
 Each Dask task reads one chunk's *extended* window (its tiles plus their halos) from the Zarr tile store,
-runs the model on its tiles in batches and returns the window-weighted class probabilities summed over
-the chunk's tiles, with the weight sum as the last channel (see :mod:`geoseg.stitch` for the merge).
-The model lives in the worker (``ModelPlugin``), never in the task graph.
+runs the model on its tiles in batches and sums the window-weighted class probabilities over the chunk's
+tiles, with the weight sum as the last channel. The sums go to a Zarr accumulator store: the core, and
+the halo as four strips that :mod:`geoseg.stitch` adds onto the neighbours' cores. The model lives in the
+worker (``ModelPlugin``), never in the task graph.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zarr
 from distributed.diagnostics.plugin import WorkerPlugin
 from rasterio.windows import Window
 
@@ -135,8 +137,6 @@ class ModelPlugin(WorkerPlugin):
 
 def read_extended(tiles_path: str, grid: TileGrid, core: Window) -> tuple[np.ndarray, np.ndarray]:
     """Read a chunk's extended window from the tile store, reflect-padded at the scene border."""
-    import zarr
-
     group = zarr.open_group(tiles_path, mode="r")
     ext = grid.extended_window(core)
     r0, c0 = int(ext.row_off), int(ext.col_off)
@@ -191,6 +191,42 @@ def infer_chunk(
         acc[:n_classes, r : r + hh, c : c + ww] += p[:, :hh, :ww] * weight[:hh, :ww]
         acc[n_classes, r : r + hh, c : c + ww] += weight[:hh, :ww]
     return acc, len(todo)
+
+
+def create_accumulator_store(path: str, grid: TileGrid, n_classes: int) -> None:
+    """Empty store: ``core`` (classes + 1, H, W) plus the four halo strips of every chunk."""
+    ny, nx = grid.chunks_shape
+    c, h, k = grid.chunk, grid.halo, n_classes + 1
+    group = zarr.open_group(path, mode="w")
+    group.create_array("core", shape=(k, grid.height, grid.width), dtype="float32", chunks=(k, c, c), fill_value=0)
+    if h:
+        for name in ("top", "bottom"):
+            group.create_array(name, shape=(ny, nx, k, h, c + 2 * h), dtype="float32", chunks=(1, 1, k, h, c + 2 * h),
+                               fill_value=0)
+        for name in ("left", "right"):
+            group.create_array(name, shape=(ny, nx, k, c, h), dtype="float32", chunks=(1, 1, k, c, h), fill_value=0)
+
+
+def store_accumulator(path: str, grid: TileGrid, i: int, j: int, ext: np.ndarray) -> None:
+    """Write chunk ``(i, j)``'s extended accumulator: its core, and its halo as four strips."""
+    group = zarr.open_group(path, mode="r+")
+    core = grid.chunk_window(i, j)
+    r0, c0, ch, cw = int(core.row_off), int(core.col_off), int(core.height), int(core.width)
+    h = grid.halo
+    group["core"][:, r0 : r0 + ch, c0 : c0 + cw] = ext[:, h : h + ch, h : h + cw]
+    if h:
+        group["top"][i, j, :, :, : cw + 2 * h] = ext[:, :h, :]
+        group["bottom"][i, j, :, :, : cw + 2 * h] = ext[:, h + ch :, :]
+        group["left"][i, j, :, :ch, :] = ext[:, h : h + ch, :h]
+        group["right"][i, j, :, :ch, :] = ext[:, h : h + ch, h + cw :]
+
+
+def infer_to_store(tiles_path: str, acc_path: str, grid: TileGrid, i: int, j: int, key: ModelKey, n_classes: int,
+                   blend: str, core_valid: int) -> int:
+    """Infer chunk ``(i, j)`` and store its accumulator; return the number of tiles inferred."""
+    ext, n_tiles = infer_chunk(tiles_path, grid, i, j, key, n_classes, blend, core_valid)
+    store_accumulator(acc_path, grid, i, j, ext)
+    return n_tiles
 
 
 def model_key(checkpoint: Path, cfg: InferConfig, tasks_per_machine: int) -> ModelKey:

@@ -176,9 +176,9 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
     from geoseg.cluster import open_client, tasks_per_host
     from geoseg.grid import TileGrid
-    from geoseg.infer import ModelPlugin, infer_chunk, model_key, resolve_device
+    from geoseg.infer import ModelPlugin, create_accumulator_store, infer_to_store, model_key, resolve_device
     from geoseg.read import read_raster
-    from geoseg.stitch import classify, create_accumulator_store, merge_chunk, store_accumulator
+    from geoseg.stitch import stitch_chunk
     from geoseg.tile import create_tile_store
     from geoseg.write import confidence_writer, encode_confidence, landcover_writer, write_qgis_style
 
@@ -231,10 +231,8 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
         def _infer(block: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001
             i, j = block_info[0]["chunk-location"]
-            own = int(block[1 if i > 0 else 0, 1 if j > 0 else 0])
-            ext, n_tiles = infer_chunk(tiles_path, grid, i, j, key, n_classes, cfg.stitch.blend, own)
-            store_accumulator(acc_path, grid, i, j, ext)
-            return np.array([[n_tiles]], dtype=np.int64)
+            n = infer_to_store(tiles_path, acc_path, grid, i, j, key, n_classes, cfg.stitch.blend, _own(block, i, j))
+            return np.array([[n]], dtype=np.int64)
 
         resources = {"GPU": 1} if device == "cuda" else None
         with dask.annotate(resources=resources) if resources else _nullcontext():
@@ -247,19 +245,9 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             _create_scores_store(scores_path, raster, grid, classes, cfg.overwrite)
 
         def _finish(tiles_done: np.ndarray, i: int, j: int):
-            import zarr
-
-            acc = merge_chunk(acc_path, grid, i, j)
-            window = grid.chunk_window(i, j)
-            r0, c0 = int(window.row_off), int(window.col_off)
-            r1, c1 = r0 + int(window.height), c0 + int(window.width)
-            valid = zarr.open_group(tiles_path, mode="r")["valid"][r0:r1, c0:c1]
-            labels, conf = classify(acc, valid, lut, cfg.write.nodata)
-            if keep_scores:
-                probs = acc[:-1] / np.where(acc[-1] > 0, acc[-1], 1.0)
-                zarr.open_array(str(scores_path), mode="r+")[:, r0:r1, c0:c1] = probs.astype(np.float16)
-            own = int(tiles_done[1 if i > 0 else 0, 1 if j > 0 else 0])
-            return i, j, labels, conf, labels != cfg.write.nodata, int(valid.sum()), own
+            labels, conf, n_valid = stitch_chunk(acc_path, tiles_path, grid, i, j, lut, cfg.write.nodata,
+                                                 str(scores_path) if keep_scores else None)
+            return i, j, labels, conf, labels != cfg.write.nodata, n_valid, _own(tiles_done, i, j)
 
         tasks = [dask.delayed(_finish)(stitch_inputs[i, j], i, j, dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
                  for i in range(ny) for j in range(nx)]
@@ -325,6 +313,11 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 result.outputs.update(write_reports(report, out_dir, overwrite=cfg.overwrite))
             result.stats["metrics"] = {k: report[k] for k in ("mean_iou", "mean_iou_classes", "overall_accuracy",
                                                                "kappa", "frequency_weighted_iou", "pixels")}
+
+
+def _own(neighbourhood: np.ndarray, i: int, j: int) -> int:
+    """A chunk's own value in its overlapped 3 x 3 (2 x 2 or 2 x 3 at the border) neighbourhood block."""
+    return int(neighbourhood[1 if i > 0 else 0, 1 if j > 0 else 0])
 
 
 def _tile_task(raster, tiles_path: str, grid, i: int, j: int, nodata: float | None) -> np.ndarray:  # noqa: ANN001

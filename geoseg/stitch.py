@@ -2,8 +2,8 @@
 
 Each chunk's inference yields weighted probability sums over its *extended* window (core plus a halo of
 ``overlap // 2``); the halo lies on the neighbours' cores. The inference task stores its core and its four
-halo strips in a Zarr accumulator store; the stitch task of a chunk adds its neighbours' strips onto its
-core. The sums equal blending every tile of the scene at once, whatever the chunking.
+halo strips in a Zarr accumulator store (:func:`geoseg.infer.store_accumulator`); the stitch task of a
+chunk adds its neighbours' strips onto its core. The sums equal blending every tile of the scene at once, whatever the chunking.
 
 Why not :func:`dask.array.overlap.overlap`: it exchanges halos by slicing whole neighbour blocks, so each
 block's full accumulator (classes x chunk^2 float32) stays in worker memory until all its neighbours are
@@ -17,34 +17,6 @@ import numpy as np
 import zarr
 
 from geoseg.grid import TileGrid
-
-def create_accumulator_store(path: str, grid: TileGrid, n_classes: int) -> None:
-    """Empty store: ``core`` (classes + 1, H, W) plus the four halo strips of every chunk."""
-    ny, nx = grid.chunks_shape
-    c, h, k = grid.chunk, grid.halo, n_classes + 1
-    group = zarr.open_group(path, mode="w")
-    group.create_array("core", shape=(k, grid.height, grid.width), dtype="float32", chunks=(k, c, c), fill_value=0)
-    if h:
-        for name in ("top", "bottom"):
-            group.create_array(name, shape=(ny, nx, k, h, c + 2 * h), dtype="float32", chunks=(1, 1, k, h, c + 2 * h),
-                               fill_value=0)
-        for name in ("left", "right"):
-            group.create_array(name, shape=(ny, nx, k, c, h), dtype="float32", chunks=(1, 1, k, c, h), fill_value=0)
-
-
-def store_accumulator(path: str, grid: TileGrid, i: int, j: int, ext: np.ndarray) -> None:
-    """Write chunk ``(i, j)``'s extended accumulator: its core, and its halo as four strips."""
-    group = zarr.open_group(path, mode="r+")
-    core = grid.chunk_window(i, j)
-    r0, c0, ch, cw = int(core.row_off), int(core.col_off), int(core.height), int(core.width)
-    h = grid.halo
-    group["core"][:, r0 : r0 + ch, c0 : c0 + cw] = ext[:, h : h + ch, h : h + cw]
-    if h:
-        group["top"][i, j, :, :, : cw + 2 * h] = ext[:, :h, :]
-        group["bottom"][i, j, :, :, : cw + 2 * h] = ext[:, h + ch :, :]
-        group["left"][i, j, :, :ch, :] = ext[:, h : h + ch, :h]
-        group["right"][i, j, :, :ch, :] = ext[:, h : h + ch, h + cw :]
-
 
 def _strip_rect(grid: TileGrid, name: str, i: int, j: int) -> tuple[int, int, int, int]:
     """Global (row0, col0, rows, cols) a stored strip of chunk ``(i, j)`` covers."""
@@ -99,3 +71,18 @@ def classify(acc: np.ndarray, valid: np.ndarray, lut: np.ndarray, nodata: int) -
     labels = np.where(known, lut[index], np.uint8(nodata)).astype(np.uint8)
     conf = np.where(known, probs.max(axis=0), 0.0).astype(np.float32)
     return labels, conf
+
+
+def stitch_chunk(acc_path: str, tiles_path: str, grid: TileGrid, i: int, j: int, lut: np.ndarray, nodata: int,
+                 scores_path: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Class ids, top probability and valid-pixel count of chunk ``(i, j)``; optionally store probabilities."""
+    acc = merge_chunk(acc_path, grid, i, j)
+    window = grid.chunk_window(i, j)
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    valid = zarr.open_group(tiles_path, mode="r")["valid"][r0:r1, c0:c1]
+    labels, conf = classify(acc, valid, lut, nodata)
+    if scores_path is not None:
+        probs = acc[:-1] / np.where(acc[-1] > 0, acc[-1], 1.0)
+        zarr.open_array(scores_path, mode="r+")[:, r0:r1, c0:c1] = probs.astype(np.float16)
+    return labels, conf, int(valid.sum())
