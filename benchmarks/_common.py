@@ -33,9 +33,10 @@ def control_malloc(enabled: bool = True) -> str:
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and its children every 50 ms."""
+    """Samples the summed RSS of this process and its children (or the children only) every 50 ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, children_only: bool = False) -> None:
+        self.children_only = children_only
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -43,7 +44,7 @@ class PeakRSS:
     def _sample(self) -> int:
         me = psutil.Process()
         total = 0
-        for p in [me, *me.children(recursive=True)]:
+        for p in ([] if self.children_only else [me]) + me.children(recursive=True):
             try:
                 total += p.memory_info().rss
             except psutil.Error:

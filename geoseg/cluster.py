@@ -100,3 +100,24 @@ def tasks_per_host(client: Client) -> int:
         host = w.get("host") or addr.rsplit(":", 1)[0]
         per_host[host] = per_host.get(host, 0) + w.get("nthreads", 1)
     return max(per_host.values(), default=1)
+
+
+def for_each_result(tasks: list, consume, client: Client | None = None) -> None:  # noqa: ANN001
+    """Run Dask ``tasks`` and hand each result to ``consume`` as soon as it is done, in completion order.
+
+    On the cluster of ``client`` when given; otherwise on two local threads (each task on the synchronous
+    scheduler). Results are consumed and dropped one by one, so they never pile up in memory.
+    """
+    if client is not None:
+        from distributed import as_completed
+
+        for fut in as_completed(client.compute(tasks)):
+            consume(fut.result())
+            fut.release()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import as_completed as completed
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for fut in completed([pool.submit(t.compute, scheduler="sync") for t in tasks]):
+            consume(fut.result())

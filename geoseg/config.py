@@ -91,19 +91,6 @@ class TileConfig(_Config):
             raise ValueError(f"overlap {self.overlap} is more than half the tile size {self.size}; use at most {self.size // 2}")
         return self
 
-    @property
-    def stride(self) -> int:
-        return self.size - self.overlap
-
-    @property
-    def halo(self) -> int:
-        return self.overlap // 2
-
-    @property
-    def chunk(self) -> int:
-        """Side of a Zarr chunk's core in pixels."""
-        return self.stride * self.chunk_tiles
-
 
 class InferConfig(_Config):
     """Model execution."""

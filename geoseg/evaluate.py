@@ -270,9 +270,11 @@ def _check_overlap(ref: Reference, grid: dict) -> None:
 def evaluate_iou(prediction: Path, ref: Reference, *, client=None, block: int = 2048) -> dict:  # noqa: ANN001
     """Metrics of a geoseg land-cover raster against a reference, streamed in ``block`` x ``block`` windows.
 
-    With a ``client`` the blocks run on the Dask cluster; otherwise on Dask's local threads.
+    With a ``client`` the blocks run on the Dask cluster; otherwise on two local threads.
     """
     import dask
+
+    from geoseg.cluster import for_each_result
 
     grid, classes = _prediction_grid(Path(prediction))
     _check_overlap(ref, grid)
@@ -290,16 +292,7 @@ def evaluate_iou(prediction: Path, ref: Reference, *, client=None, block: int = 
         for code, count in part[1].items():
             unmapped[code] = unmapped.get(code, 0) + count
 
-    if client is not None:
-        from distributed import as_completed
-
-        for fut in as_completed(client.compute(tasks)):
-            _add(fut.result())
-            fut.release()
-    else:
-        # Reduce as results arrive would need a scheduler hook; blocks are small (one matrix each).
-        for part in dask.compute(*tasks, scheduler="threads"):
-            _add(part)
+    for_each_result(tasks, _add, client)
     if cm.sum() == 0:
         raise InputError(f"{ref.path}: no pixel is valid in both the prediction and the reference")
     report = metrics_from_confusion(cm, classes)

@@ -172,9 +172,9 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     import dask
     import dask.array as da
     from dask.array.overlap import overlap
-    from distributed import as_completed, get_task_stream
+    from distributed import get_task_stream
 
-    from geoseg.cluster import open_client, tasks_per_host
+    from geoseg.cluster import for_each_result, open_client, tasks_per_host
     from geoseg.grid import TileGrid
     from geoseg.infer import ModelPlugin, create_accumulator_store, infer_to_store, model_key, resolve_device
     from geoseg.read import read_raster
@@ -265,19 +265,22 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         bar = _progress(len(tasks), "segmenting", progress)
         valid_counts = np.zeros((ny, nx), dtype=np.int64)
         tiles_inferred = 0
+
+        def _write_block(done: tuple) -> None:
+            nonlocal tiles_inferred
+            i, j, labels, conf, known, n_valid, n_tiles = done
+            valid_counts[i, j] = n_valid
+            tiles_inferred += n_tiles
+            window = grid.chunk_window(i, j)
+            writers[0].write(window, labels)
+            if len(writers) > 1:
+                writers[1].write(window, encode_confidence(conf, known, cfg.write.confidence))
+            if bar:
+                bar.advance(bar.task_ids[0])
+
         with _timed(timings, "tile_infer_stitch"), get_task_stream(client) as stream:
             try:
-                for fut in as_completed(client.compute(tasks)):
-                    i, j, labels, conf, known, n_valid, n_tiles = fut.result()
-                    fut.release()
-                    valid_counts[i, j] = n_valid
-                    tiles_inferred += n_tiles
-                    window = grid.chunk_window(i, j)
-                    writers[0].write(window, labels)
-                    if len(writers) > 1:
-                        writers[1].write(window, encode_confidence(conf, known, cfg.write.confidence))
-                    if bar:
-                        bar.advance(bar.task_ids[0])
+                for_each_result(tasks, _write_block, client)
             finally:
                 if bar:
                     bar.stop()

@@ -276,6 +276,7 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
     import dask
     import pyogrio
 
+    from geoseg.cluster import for_each_result
     from geoseg.read import open_raster
 
     if opts.connectivity not in (4, 8):
@@ -321,15 +322,7 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
             if inner:
                 emit(_frame([w for w, _ in inner], [v for _, v in inner], crs, transform, classes))
 
-        if client is not None:
-            from distributed import as_completed
-
-            for fut in as_completed(client.compute(tasks)):
-                collect(fut.result())
-                fut.release()
-        else:
-            for result in dask.compute(*tasks, scheduler="threads"):
-                collect(result)
+        for_each_result(tasks, collect, client)
         merged = merge_border_polygons(border, opts.connectivity)
         if merged:
             emit(_frame([g for g, _ in merged], [v for _, v in merged], crs, transform, classes))

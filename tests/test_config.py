@@ -46,7 +46,7 @@ def test_valid_config_resolves_relative_paths(pipeline_yaml):  # noqa: ANN001
     cfg = load_config(pipeline_yaml())
     assert isinstance(cfg, PipelineConfig)
     assert cfg.output_dir == pipeline_yaml().parent / "out"
-    assert cfg.tile.size == 512 and cfg.tile.halo == 32 and cfg.tile.stride == 448
+    assert cfg.tile.size == 512 and cfg.tile.overlap == 64 and cfg.tile.chunk_tiles == 3
 
 
 def test_unknown_key_suggests_closest(pipeline_yaml):  # noqa: ANN001
