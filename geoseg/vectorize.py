@@ -150,13 +150,15 @@ def merge_border_polygons(items: list[tuple[bytes, int]], connectivity: int) -> 
         return i
 
     tree = shapely.STRtree(geoms)
-    left, right = tree.query(geoms, predicate="touches")
+    left, right = tree.query(geoms)  # bounding boxes only: cheap, then exact tests on same-class pairs
     keep = (left < right) & (values[left] == values[right])
     left, right = left[keep], right[keep]
-    if connectivity == 4 and len(left):
-        # 4-connected only if they share an edge, not just a corner.
-        shared = shapely.length(shapely.intersection(geoms[left], geoms[right]))
-        left, right = left[shared > 0], right[shared > 0]
+    if len(left):
+        shapely.prepare(geoms)
+        # 4-connected: they share an edge (boundaries meet in a line); 8-connected: a corner is enough.
+        pattern = "F***1****" if connectivity == 4 else "F***T****"
+        touch = shapely.relate_pattern(geoms[left], geoms[right], pattern)
+        left, right = left[touch], right[touch]
     for a, b in zip(left, right):
         ra, rb = find(int(a)), find(int(b))
         if ra != rb:
@@ -168,7 +170,7 @@ def merge_border_polygons(items: list[tuple[bytes, int]], connectivity: int) -> 
     for members in groups.values():
         geom = geoms[members[0]] if len(members) == 1 else shapely.union_all(geoms[members])
         # Drop the collinear vertices left where block edges were, as a single shapes() call has none.
-        geom = shapely.simplify(geom, 0.0, preserve_topology=True)
+        geom = shapely.simplify(geom, 0.0, preserve_topology=False)
         out.append((geom, int(values[members[0]])))
     return out
 
@@ -298,12 +300,13 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
         raise InputError(f"{output}: unsupported vector format; use .gpkg or .fgb")
     border: list = []
     parts: list = []
+    pending: list = []
     n_features = 0
     with atomic_path(output, overwrite=overwrite) as tmp:
         written = False
 
         def emit(gdf) -> None:  # noqa: ANN001
-            nonlocal written, n_features
+            nonlocal n_features
             if gdf.empty:
                 return
             gdf = add_measures(gdf)
@@ -312,7 +315,19 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
                 # FlatGeobuf cannot append; simplification needs the whole coverage.
                 parts.append(gdf)
                 return
-            pyogrio.write_dataframe(gdf, tmp, layer=opts.layer, driver=driver, append=written,
+            pending.append(gdf)
+            if sum(len(p) for p in pending) >= 50_000:  # fewer, larger appends: each has a fixed cost
+                flush()
+
+        def flush() -> None:
+            nonlocal written
+            if not pending:
+                return
+            import pandas as pd
+
+            batch = pd.concat(pending, ignore_index=True) if len(pending) > 1 else pending[0]
+            pending.clear()
+            pyogrio.write_dataframe(batch, tmp, layer=opts.layer, driver=driver, append=written,
                                     promote_to_multi=True)
             written = True
 
@@ -326,6 +341,7 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
         merged = merge_border_polygons(border, opts.connectivity)
         if merged:
             emit(_frame([g for g, _ in merged], [v for _, v in merged], crs, transform, classes))
+        flush()
         if parts:
             import pandas as pd
 
