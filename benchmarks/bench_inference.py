@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--arch", default="unet")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--channels-last", action="store_true")

@@ -95,7 +95,10 @@ class TileConfig(_Config):
 class InferConfig(_Config):
     """Model execution."""
 
-    batch_size: int = Field(4, ge=1, description="Tiles per forward pass.")
+    batch_size: int = Field(
+        2, ge=1, description="Tiles per forward pass. On CPU 2 is as fast as 4 with one intra-op thread per task "
+        "and needs 0.6 GB less per worker (Unet-resnet18, 512 px); on GPU use 16 or more.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU. bf16 on CPU is faster on AMX machines."

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -235,7 +235,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             return np.array([[n]], dtype=np.int64)
 
         resources = {"GPU": 1} if device == "cuda" else None
-        with dask.annotate(resources=resources) if resources else _nullcontext():
+        with dask.annotate(resources=resources) if resources else nullcontext():
             inferred = neighbourhood.map_blocks(_infer, dtype=np.int64, chunks=(1, 1), name=f"geoseg-infer-{token}")
         # Stitching a chunk waits for the inference of its 3 x 3 neighbourhood: their halos fall on its core.
         stitch_inputs = overlap(inferred, depth={0: 1, 1: 1}, boundary="none").to_delayed()
@@ -357,14 +357,6 @@ def vectorize_options(cfg: PipelineConfig, raster):  # noqa: ANN001, ANN201
         px = max(px, int(np.ceil(v.min_area_m2 / pixel_m2)))
     return VectorizeOptions(layer=v.layer, connectivity=v.connectivity, min_area_px=px, simplify=v.simplify,
                             block=v.block)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _has_gpu_workers(client) -> bool:  # noqa: ANN001

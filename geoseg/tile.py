@@ -47,11 +47,10 @@ def create_tile_store(path: Path, spec: RasterSpec, grid: TileGrid) -> zarr.Grou
 
 
 def _bounds(spec: RasterSpec) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of the raster."""
     from rasterio.transform import array_bounds
 
-    left_bottom_right_top = array_bounds(spec.height, spec.width, spec.transform)
-    west, south, east, north = left_bottom_right_top
-    return west, south, east, north
+    return array_bounds(spec.height, spec.width, spec.transform)
 
 
 def tile_chunk(spec: RasterSpec, tiles_path: str, grid: TileGrid, i: int, j: int, nodata_override: float | None) -> int:

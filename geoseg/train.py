@@ -148,7 +148,7 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
-def predict_region(model, x: np.ndarray, stride: int, tile: int = 512) -> np.ndarray:  # noqa: ANN001
+def predict_region(model, x: np.ndarray, tile: int = 512) -> np.ndarray:  # noqa: ANN001
     """Class indexes for a normalised image (bands, H, W): reflect-padded tiles, centre crops kept."""
     import torch
 
@@ -167,7 +167,6 @@ def predict_region(model, x: np.ndarray, stride: int, tile: int = 512) -> np.nda
                 pred = model(torch.from_numpy(np.ascontiguousarray(patch))[None]).argmax(1)[0].numpy()
                 hh, ww = min(core, h - r), min(core, w - c)
                 out[r : r + hh, c : c + ww] = pred[halo : halo + hh, halo : halo + ww]
-    del stride
     return out
 
 
@@ -238,7 +237,7 @@ def train_model(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         model.eval()
         cm = np.zeros((n_classes, n_classes), dtype=np.int64)
         for x, target in val_norm:
-            pred = predict_region(model, x, spec.output_stride)
+            pred = predict_region(model, x)
             cm += confusion_matrix(target, pred, n_classes)
         iou = iou_per_class(cm)
         miou = mean_iou(cm)
