@@ -105,12 +105,12 @@ def hand_loop(scene: Path, checkpoint: Path, out: Path, tile: int, overlap: int,
 
 
 def pipeline_config(scene: Path, checkpoint: Path, out: Path, tile: int, overlap: int, batch: int, precision: str,
-                    channels_last: bool, workers: int, threads: int):  # noqa: ANN201
+                    channels_last: bool, workers: int, threads: int, chunk_tiles: int | None = None):  # noqa: ANN201
     from geoseg.config import PipelineConfig, validate
 
     return validate(PipelineConfig, {
         "input": str(scene), "model": str(checkpoint), "output_dir": str(out), "overwrite": True,
-        "tile": {"size": tile, "overlap": overlap},
+        "tile": {"size": tile, "overlap": overlap, **({"chunk_tiles": chunk_tiles} if chunk_tiles else {})},
         "infer": {"batch_size": batch, "precision": precision, "channels_last": channels_last, "device": "cpu"},
         "cluster": {"n_workers": workers, "threads_per_worker": threads},
         "vectorize": {"enabled": False},  # (b) is read, tile, infer, stitch, write: what (c) does too
@@ -140,7 +140,7 @@ def throughput(args: argparse.Namespace, malloc: str) -> dict:
           f"tile {args.tile}, overlap {args.overlap}, batch {args.batch}; {args.rounds} rounds of a, b, c "
           "(interleaved, medians: this VM's speed drifts)", flush=True)
     cfg = pipeline_config(scene, ckpt, tmp / "b", args.tile, args.overlap, args.batch, args.precision,
-                          args.channels_last, args.workers, args.threads)
+                          args.channels_last, args.workers, args.threads, args.chunk_tiles)
     a_runs, b_runs, c_runs = [], [], []
     with PeakRSS() as rss:
         t0 = time.perf_counter()
@@ -219,6 +219,7 @@ def main() -> None:
     p.add_argument("--arch", default="unet")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--chunk-tiles", type=int, default=None, help="tiles per chunk side (default: geoseg's)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="task threads per worker")
     p.add_argument("--raw-seconds", type=float, default=8.0)
