@@ -143,7 +143,7 @@ def test_shipped_configs_validate():
         scene["image"] = scene["labels"] = str(ROOT / "pyproject.toml")
     validate(TrainConfig, data, "train-demo.yaml", ROOT / "configs")
     raw = read_yaml(ROOT / "pipelines" / "landcover.yaml")
-    raw["input"] = raw["model"] = str(ROOT / "pyproject.toml")
+    raw["input"] = raw["model"] = raw["evaluate"]["reference"] = str(ROOT / "pyproject.toml")
     validate(PipelineConfig, raw, "landcover.yaml", ROOT / "pipelines")
 
 
