@@ -87,12 +87,6 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
         cluster.close()
 
 
-def concurrent_tasks(client: Client) -> int:
-    """Total task threads across the cluster's workers."""
-    info = client.scheduler_info()
-    return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
-
-
 def tasks_per_host(client: Client) -> int:
     """Most task threads on one host: CPU inference splits that host's cores between them."""
     per_host: dict[str, int] = {}
