@@ -302,3 +302,22 @@ def test_tta_averages_the_logits_of_the_flips(fcn_checkpoint):  # noqa: ANN001
         m = pred.model
         logits = (m(t) + m(t.flip(-1)).flip(-1) + m(t.flip(-2)).flip(-2) + m(t.flip(-2, -1)).flip(-2, -1)) / 4
     assert np.allclose(pred.predict(x), torch.softmax(logits, 1).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("scene,bands", [("nc-landsat7/scene.tif", 6), ("flair2/IMG_000473.tif", 5)],
+                         ids=["landsat7-epsg32119", "flair2-epsg2154"])
+def test_real_imagery_keeps_its_grid(tmp_path, client, scene, bands):  # noqa: ANN001
+    """Real rasters from ../shared/data (read in place, never copied): output on exactly their grid."""
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / scene
+    if not path.exists():
+        pytest.skip(f"real imagery not available: {path} is absent (see ../shared/data/README.md)")
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", bands=[{"index": i + 1, "name": f"b{i + 1}"}
+                                                                 for i in range(bands)])
+    result = run_pipeline(pipeline_config(path, ckpt, tmp_path / "o", tile={"size": 128, "overlap": 32}),
+                          client=client)
+    with rasterio.open(path) as src, rasterio.open(result.landcover) as out:
+        assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
+        labels = out.read(1)
+    assert (labels != 255).mean() > 0.95 and set(np.unique(labels)) <= {1, 2, 3, 4, 5, 6, 255}
