@@ -51,8 +51,8 @@ def confusion_matrix(reference: np.ndarray, prediction: np.ndarray, n_classes: i
 
     Pixels outside ``0 <= index < n_classes`` in either map, or where ``mask`` is False, are not counted.
     """
-    ref = np.asarray(reference).ravel().astype(np.int64)
-    pred = np.asarray(prediction).ravel().astype(np.int64)
+    ref = np.asarray(reference).ravel().astype(np.int64, copy=False)
+    pred = np.asarray(prediction).ravel().astype(np.int64, copy=False)
     keep = (ref >= 0) & (ref < n_classes) & (pred >= 0) & (pred < n_classes)
     if mask is not None:
         keep &= np.asarray(mask).ravel()
@@ -212,9 +212,7 @@ def block_confusion(prediction: str, ref: Reference, pred_grid: dict, window: Wi
     if orphan.any():
         hist = np.bincount(codes[orphan].ravel())
         unmapped = {int(c): int(hist[c]) for c in np.flatnonzero(hist)}
-    keep = counted & (ref_index >= 0)
-    cm = np.bincount((ref_index[keep] * n + pred_index[keep]), minlength=n * n).reshape(n, n)
-    return cm, unmapped
+    return confusion_matrix(ref_index, pred_index, n, counted), unmapped
 
 
 # ----------------------------------------------------------------------------------------------- driver
