@@ -63,6 +63,22 @@ class TileGrid:
         """Tiles needed to cover a chunk core of ``core`` pixels."""
         return max(1, math.ceil(core / self.stride))
 
+    def tiles_per_chunk(self) -> np.ndarray:
+        """Number of tiles in each chunk, shape :attr:`chunks_shape` (the work of its inference task)."""
+        rows, cols = (np.array([self.tiles_per_side(n) for n in c]) for c in self.dask_chunks())
+        return np.outer(rows, cols)
+
+    def tiles_per_chunk(self) -> np.ndarray:
+        """Number of tiles in each chunk, shape :attr:`chunks_shape` (the work of its inference task)."""
+        rows, cols = (np.array([self.tiles_per_side(n) for n in c]) for c in self.dask_chunks())
+        return np.outer(rows, cols)
+
+    def neighbours(self, i: int, j: int) -> list[tuple[int, int]]:
+        """The chunks around chunk ``(i, j)`` (up to 8): their halos reach into its core."""
+        ny, nx = self.chunks_shape
+        return [(a, b) for a in range(max(i - 1, 0), min(i + 2, ny)) for b in range(max(j - 1, 0), min(j + 2, nx))
+                if (a, b) != (i, j)]
+
     def extended_window(self, core: Window) -> Window:
         """Window read for a chunk: its tiles' full extent (may reach beyond the scene)."""
         ny, nx = self.tiles_per_side(int(core.height)), self.tiles_per_side(int(core.width))

@@ -21,6 +21,7 @@ from rasterio.windows import Window
 
 from geoseg.config import InferConfig
 from geoseg.grid import TileGrid, blend_weights, pad_to
+from geoseg.tile import scratch_compressors
 
 _MODELS: dict[str, Predictor] = {}
 _LOCK = threading.Lock()
@@ -198,13 +199,16 @@ def create_accumulator_store(path: str, grid: TileGrid, n_classes: int) -> None:
     ny, nx = grid.chunks_shape
     c, h, k = grid.chunk, grid.halo, n_classes + 1
     group = zarr.open_group(path, mode="w")
-    group.create_array("core", shape=(k, grid.height, grid.width), dtype="float32", chunks=(k, c, c), fill_value=0)
+    codecs = scratch_compressors()
+    group.create_array("core", shape=(k, grid.height, grid.width), dtype="float32", chunks=(k, c, c), fill_value=0,
+                       compressors=codecs)
     if h:
         for name in ("top", "bottom"):
             group.create_array(name, shape=(ny, nx, k, h, c + 2 * h), dtype="float32", chunks=(1, 1, k, h, c + 2 * h),
-                               fill_value=0)
+                               fill_value=0, compressors=codecs)
         for name in ("left", "right"):
-            group.create_array(name, shape=(ny, nx, k, c, h), dtype="float32", chunks=(1, 1, k, c, h), fill_value=0)
+            group.create_array(name, shape=(ny, nx, k, c, h), dtype="float32", chunks=(1, 1, k, c, h), fill_value=0,
+                               compressors=codecs)
 
 
 def store_accumulator(path: str, grid: TileGrid, i: int, j: int, ext: np.ndarray) -> None:
@@ -222,8 +226,11 @@ def store_accumulator(path: str, grid: TileGrid, i: int, j: int, ext: np.ndarray
 
 
 def infer_to_store(tiles_path: str, acc_path: str, grid: TileGrid, i: int, j: int, key: ModelKey, n_classes: int,
-                   blend: str, core_valid: int) -> int:
-    """Infer chunk ``(i, j)`` and store its accumulator; return the number of tiles inferred."""
+                   blend: str, core_valid: int, after: object = None) -> int:
+    """Infer chunk ``(i, j)`` and store its accumulator; return the number of tiles inferred.
+
+    ``after`` is unused: the neighbours' tile tasks passed there make a Dask graph wait for them.
+    """
     ext, n_tiles = infer_chunk(tiles_path, grid, i, j, key, n_classes, blend, core_valid)
     store_accumulator(acc_path, grid, i, j, ext)
     return n_tiles

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,8 +170,6 @@ def _describe_file(path: Path, digest: bool) -> dict[str, Any]:
 
 def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool, client) -> None:  # noqa: ANN001
     import dask
-    import dask.array as da
-    from dask.array.overlap import overlap
     from distributed import get_task_stream
 
     from geoseg.cluster import for_each_result, open_client, tasks_per_host
@@ -179,7 +177,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     from geoseg.infer import ModelPlugin, create_accumulator_store, infer_to_store, model_key, resolve_device
     from geoseg.read import read_raster
     from geoseg.stitch import stitch_chunk
-    from geoseg.tile import create_tile_store
+    from geoseg.tile import create_tile_store, tile_chunk
     from geoseg.write import confidence_writer, encode_confidence, landcover_writer, write_qgis_style
 
     timings, out_dir = result.timings, cfg.output_dir
@@ -221,36 +219,39 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         client.register_plugin(ModelPlugin(key))
 
         # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits
-        # for the tile tasks of its 3 x 3 neighbourhood (its halo lives there), not for the whole scene.
+        # for the tile tasks of its 3 x 3 neighbourhood (its halo lives there), not for the whole scene, and
+        # stitching a chunk waits for the inference of its neighbourhood (their halos fall on its core).
+        # Built from delayed tasks rather than dask.array blocks: annotations on array layers do not reach
+        # the scheduler in this dask (2026.8), and the priority and GPU resource annotations must.
         token = dask.base.tokenize(tiles_path, cfg.model_dump(mode="json"), time.time())
-        tiled = da.block([[da.from_delayed(
-            dask.delayed(_tile_task, pure=False)(raster, tiles_path, grid, i, j, cfg.read.nodata,
-                                                 dask_key_name=f"geoseg-tile-{token}-{i}-{j}"),
-            shape=(1, 1), dtype=np.int64) for j in range(nx)] for i in range(ny)])
-        neighbourhood = overlap(tiled, depth={0: 1, 1: 1}, boundary="none")
-
-        def _infer(block: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001
-            i, j = block_info[0]["chunk-location"]
-            n = infer_to_store(tiles_path, acc_path, grid, i, j, key, n_classes, cfg.stitch.blend, _own(block, i, j))
-            return np.array([[n]], dtype=np.int64)
-
+        tiled = {(i, j): dask.delayed(tile_chunk, pure=False)(
+            raster, tiles_path, grid, i, j, cfg.read.nodata, dask_key_name=f"geoseg-tile-{token}-{i}-{j}")
+            for i in range(ny) for j in range(nx)}
+        # Longest chunks first (LPT): left to Dask's order a 9-tile chunk could start last and run alone while
+        # the other threads idle (2048^2 on 2 threads: 10.5 s instead of 9.3 s of inference).
+        tiles_in = grid.tiles_per_chunk()
         resources = {"GPU": 1} if device == "cuda" else None
-        with dask.annotate(resources=resources) if resources else nullcontext():
-            inferred = neighbourhood.map_blocks(_infer, dtype=np.int64, chunks=(1, 1), name=f"geoseg-infer-{token}")
-        # Stitching a chunk waits for the inference of its 3 x 3 neighbourhood: their halos fall on its core.
-        stitch_inputs = overlap(inferred, depth={0: 1, 1: 1}, boundary="none").to_delayed()
+        inferred = {}
+        for (i, j), own in tiled.items():
+            with dask.annotate(priority=int(tiles_in[i, j]), **({"resources": resources} if resources else {})):
+                inferred[i, j] = dask.delayed(infer_to_store, pure=False)(
+                    tiles_path, acc_path, grid, i, j, key, n_classes, cfg.stitch.blend, own,
+                    after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
         lut = classes.index_to_id()
         keep_scores = cfg.write.keep_scores
         if keep_scores:
             _create_scores_store(scores_path, raster, grid, classes, cfg.overwrite)
 
-        def _finish(tiles_done: np.ndarray, i: int, j: int):
+        def _finish(n_tiles: int, i: int, j: int, after: list) -> tuple:  # noqa: ARG001 - after: dependencies
             labels, conf, n_valid = stitch_chunk(acc_path, tiles_path, grid, i, j, lut, cfg.write.nodata,
                                                  str(scores_path) if keep_scores else None)
-            return i, j, labels, conf, labels != cfg.write.nodata, n_valid, _own(tiles_done, i, j)
+            return i, j, labels, conf, labels != cfg.write.nodata, n_valid, n_tiles
 
-        tasks = [dask.delayed(_finish)(stitch_inputs[i, j], i, j, dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
-                 for i in range(ny) for j in range(nx)]
+        # A finished stitch frees its chunk for the writer: run it before starting more inference.
+        with dask.annotate(priority=1_000_000):
+            tasks = [dask.delayed(_finish, pure=False)(inferred[i, j], i, j, [inferred[n] for n in grid.neighbours(i, j)],
+                                                       dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
+                     for i in range(ny) for j in range(nx)]
 
         lc_path = out_dir / LANDCOVER
         writers = [landcover_writer(lc_path, raster, classes, cfg.write.nodata, compress=cfg.write.compress,
@@ -316,17 +317,6 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 result.outputs.update(write_reports(report, out_dir, overwrite=cfg.overwrite))
             result.stats["metrics"] = {k: report[k] for k in ("mean_iou", "mean_iou_classes", "overall_accuracy",
                                                                "kappa", "frequency_weighted_iou", "pixels")}
-
-
-def _own(neighbourhood: np.ndarray, i: int, j: int) -> int:
-    """A chunk's own value in its overlapped 3 x 3 (2 x 2 or 2 x 3 at the border) neighbourhood block."""
-    return int(neighbourhood[1 if i > 0 else 0, 1 if j > 0 else 0])
-
-
-def _tile_task(raster, tiles_path: str, grid, i: int, j: int, nodata: float | None) -> np.ndarray:  # noqa: ANN001
-    from geoseg.tile import tile_chunk
-
-    return np.array([[tile_chunk(raster, tiles_path, grid, i, j, nodata)]], dtype=np.int64)
 
 
 def _task_seconds(records: list[dict]) -> dict[str, float]:

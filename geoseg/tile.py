@@ -18,6 +18,17 @@ from geoseg.grid import TileGrid
 from geoseg.read import RasterSpec, open_raster, read_window
 
 
+def scratch_compressors() -> list:
+    """Codecs of the run's scratch stores (tiles, accumulators): written once, read a few times, then deleted.
+
+    Blosc-lz4 with byte shuffle wrote a 1344^2 chunk 2-3x faster than zarr's default zstd at the same
+    size (0.68 of raw for both image and probabilities): the default cost 0.25 s per inference task.
+    """
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")]
+
+
 def create_tile_store(path: Path, spec: RasterSpec, grid: TileGrid) -> zarr.Group:
     """Create an empty tile store: ``image`` (bands, y, x) in the raster's dtype and ``valid`` (y, x)."""
     group = zarr.open_group(str(path), mode="w")
@@ -25,10 +36,11 @@ def create_tile_store(path: Path, spec: RasterSpec, grid: TileGrid) -> zarr.Grou
     group.create_array(
         "image", shape=(len(spec.bands), spec.height, spec.width), dtype=spec.dtype,
         chunks=(len(spec.bands), c, c), fill_value=0, dimension_names=("band", "y", "x"),
+        compressors=scratch_compressors(),
     )
     group.create_array(
         "valid", shape=(spec.height, spec.width), dtype="bool", chunks=(c, c), fill_value=False,
-        dimension_names=("y", "x"),
+        dimension_names=("y", "x"), compressors=scratch_compressors(),
     )
     t = spec.transform
     group.attrs.update({

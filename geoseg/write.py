@@ -56,7 +56,10 @@ class RasterWriter:
             "tiled": True,
             "blockxsize": 256,
             "blockysize": 256,
-            "compress": "deflate" if compress != "none" else None,
+            # Scratch only: the COG conversion compresses for real. The fastest deflate keeps the scratch
+            # small for huge scenes and costs the client (which shares the cores with the workers) little.
+            "compress": "deflate",
+            "zlevel": 1,
             "BIGTIFF": "IF_SAFER",
         }
         self._ds = rasterio.open(self._scratch, "w", **{k: v for k, v in profile.items() if v is not None})
