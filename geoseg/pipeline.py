@@ -230,10 +230,9 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         # Longest chunks first (LPT): left to Dask's order a 9-tile chunk could start last and run alone while
         # the other threads idle (2048^2 on 2 threads: 10.5 s instead of 9.3 s of inference).
         tiles_in = grid.tiles_per_chunk()
-        resources = {"GPU": 1} if device == "cuda" else None
         inferred = {}
         for (i, j), own in tiled.items():
-            with dask.annotate(priority=int(tiles_in[i, j]), **({"resources": resources} if resources else {})):
+            with dask.annotate(**_infer_annotations(device, int(tiles_in[i, j]))):
                 inferred[i, j] = dask.delayed(infer_to_store, pure=False)(
                     tiles_path, acc_path, grid, i, j, key, n_classes, cfg.stitch.blend, own,
                     after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
@@ -317,6 +316,11 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 result.outputs.update(write_reports(report, out_dir, overwrite=cfg.overwrite))
             result.stats["metrics"] = {k: report[k] for k in ("mean_iou", "mean_iou_classes", "overall_accuracy",
                                                                "kappa", "frequency_weighted_iou", "pixels")}
+
+
+def _infer_annotations(device: str, n_tiles: int) -> dict[str, Any]:
+    """Scheduler hints of an inference task: its work as priority; on CUDA, one GPU of its worker."""
+    return {"priority": n_tiles, **({"resources": {"GPU": 1}} if device == "cuda" else {})}
 
 
 def _task_seconds(records: list[dict]) -> dict[str, float]:

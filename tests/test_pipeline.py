@@ -108,6 +108,43 @@ def test_identical_across_workers_and_reruns(tmp_path, client, fcn_checkpoint, s
         assert np.array_equal(one, run("c", two_workers))
 
 
+def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_path, fcn_checkpoint, monkeypatch):  # noqa: ANN001
+    """Longest chunks first, and GPU tasks restricted to GPU workers, as the scheduler sees them."""
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    import geoseg.pipeline as pipeline
+
+    class Record(SchedulerPlugin):
+        def __init__(self, scheduler) -> None:  # noqa: ANN001
+            self.scheduler = scheduler
+            self.seen: dict[str, tuple] = {}
+
+        def transition(self, key, start, finish, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None and str(key).startswith("geoseg-infer"):
+                self.seen[str(key)] = (ts.priority, ts.resource_restrictions)
+
+    as_if_cuda = pipeline._infer_annotations
+    monkeypatch.setattr(pipeline, "_infer_annotations", lambda device, n: as_if_cuda("cuda", n))
+    src_path, _ = random_scene(tmp_path, (200, 130))
+    # tile 64, overlap 16, chunk_tiles 2: stride 48, chunks of 96 px; 200 x 130 -> 3 x 2 chunks holding
+    # 2, 2, 1 (rows: 96, 96, 8 px) x 2, 1 (cols: 96, 34 px) tiles
+    cfg = pipeline_config(src_path, fcn_checkpoint, tmp_path / "out", tile={"size": 64, "overlap": 16,
+                                                                           "chunk_tiles": 2})
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      resources={"GPU": 1}) as cluster, Client(cluster) as c:
+        plugin = Record(cluster.scheduler)
+        cluster.scheduler.add_plugin(plugin)
+        run_pipeline(cfg, client=c)
+    grid_tiles = {f"{i}-{j}": n for (i, j), n in np.ndenumerate(np.outer([2, 2, 1], [2, 1]))}
+    assert len(plugin.seen) == 6
+    for key, (priority, resources) in plugin.seen.items():
+        assert resources == {"GPU": 1}
+        i, j = key.rsplit("-", 2)[1:]
+        assert -priority[0] == grid_tiles[f"{i}-{j}"]  # distributed stores -priority first
+
+
 @pytest.mark.parametrize("blend", ["crop", "cosine"])
 def test_chunking_batch_size_and_threads_do_not_change_the_result(tmp_path, client, fcn_checkpoint, sample_scene,
                                                                   blend):  # noqa: ANN001
