@@ -276,10 +276,10 @@ class ClassConfig(_Config):
 class WindowConfig(_Config):
     """A pixel window: rows ``row_off``.. and columns ``col_off``.. (rasterio vocabulary)."""
 
-    row_off: int = Field(ge=0)
-    col_off: int = Field(ge=0)
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    row_off: int = Field(0, ge=0)
+    col_off: int = Field(0, ge=0)
+    height: int | None = Field(None, gt=0, description="Rows; default: to the bottom edge of the scene.")
+    width: int | None = Field(None, gt=0, description="Columns; default: to the right edge of the scene.")
 
 
 class ValidationConfig(_Config):
@@ -297,6 +297,49 @@ class ModelConfig(_Config):
     arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra smp keyword arguments, e.g. encoder_depth.")
 
 
+LossName = Literal["ce", "dice", "focal", "ce+dice", "focal+dice"]
+
+
+class LossConfig(_Config):
+    """Training loss; label codes in ``ignore_codes`` (and nodata) never contribute."""
+
+    name: LossName = Field("ce", description="ce (cross-entropy), dice, focal, or a sum: ce+dice, focal+dice.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="'balanced': inverse class frequency of the training pixels (scikit-learn's rule), or "
+        "one weight per class in class order.",
+    )
+    focal_gamma: float = Field(2.0, ge=0, description="Focusing parameter of the focal loss.")
+    second_weight: float = Field(1.0, ge=0, description="Weight of the second term of a sum (the dice in ce+dice).")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _non_negative(cls, v: str | list[float]) -> str | list[float]:
+        if isinstance(v, list) and (not v or min(v) < 0):
+            raise ValueError("weights must be a non-empty list of numbers >= 0")
+        return v
+
+
+class SamplingConfig(_Config):
+    """How training windows are drawn from the training area."""
+
+    class_balanced: bool = Field(
+        False, description="Centre each window near a pixel of a class drawn uniformly from the classes present, "
+        "so rare classes are seen as often as common ones.",
+    )
+    min_labelled: float = Field(0.5, gt=0, le=1, description="Least fraction of labelled, valid pixels in a window.")
+
+
+class AugmentConfig(_Config):
+    """Augmentations for overhead imagery (applied to training windows only)."""
+
+    flips: bool = Field(True, description="Random horizontal and vertical flips.")
+    rotate90: bool = Field(True, description="Random rotations by multiples of 90 degrees.")
+    brightness: float = Field(0.0, ge=0, description="Per-band additive jitter in band standard deviations (e.g. 0.1).")
+    contrast: float = Field(0.0, ge=0, lt=1, description="Per-band multiplicative jitter: x (1 +- contrast).")
+    scale: float = Field(0.0, ge=0, lt=1, description="Scale jitter: windows resampled by a factor in "
+                         "[1 - scale, 1 + scale] (bilinear image, nearest labels); 0: off.")
+
+
 class TrainConfig(_Config):
     """A `geoseg train` run."""
 
@@ -312,8 +355,22 @@ class TrainConfig(_Config):
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int = Field(50, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["onecycle", "cosine"] = Field(
+        "onecycle", description="Learning-rate schedule over all steps: one-cycle (warm-up then anneal) or cosine decay."
+    )
+    grad_clip: float = Field(5.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
+    patience: int | None = Field(
+        None, ge=1, description="Early stopping: stop after this many epochs without a better validation mIoU."
+    )
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' trains on CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 on CPU."
+    )
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
 
@@ -331,6 +388,9 @@ class TrainConfig(_Config):
             raise ValueError("a label code is both mapped to a class and ignored")
         if not self.validation.scenes and self.validation.window is None:
             raise ValueError("validation needs scenes or a window (a held-out area, never random pixels)")
+        weights = self.loss.class_weights
+        if isinstance(weights, list) and len(weights) != len(self.classes):
+            raise ValueError(f"loss.class_weights: {len(weights)} weights for {len(self.classes)} classes")
         return self
 
 

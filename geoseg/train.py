@@ -1,42 +1,62 @@
 """`geoseg train`: fit an smp model on scene/label rasters and write a self-describing checkpoint.
 
-Random windows from the training area (never from the validation area), flips and 90-degree rotations,
-cross-entropy with an ignore index, AdamW with a one-cycle schedule; validation mIoU after every epoch
-decides which checkpoint is kept.
+Windows are drawn from the training area only (:mod:`geoseg.training_data`), augmented, and fed to AdamW
+under a one-cycle or cosine schedule with the configured loss (:mod:`geoseg.losses`). After every epoch the
+model predicts the held-out validation area and is scored with the evaluation stage's own metrics; the best
+epoch by validation mIoU is the checkpoint. Every epoch also writes the log (CSV), the curves (PNG) and a
+training state from which ``--resume`` continues exactly where the run stopped.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import rasterio
-from rasterio.windows import Window
 
 from geoseg import __version__
-from geoseg._io import check_overwrite, file_digest
-from geoseg.config import SceneConfig, TrainConfig, dump_config
-from geoseg.errors import InputError
-from geoseg.evaluate import confusion_matrix, iou_per_class, mean_iou
-from geoseg.read import open_raster, read_window
+from geoseg._io import atomic_path, check_overwrite, file_digest
+from geoseg.config import TrainConfig, dump_config
+from geoseg.errors import CheckpointError, ConfigError, InputError
+from geoseg.evaluate import confusion_matrix, metrics_from_confusion
+from geoseg.training_data import (
+    IGNORE,
+    WindowSampler,
+    augment,
+    band_stats,
+    class_counts,
+    load_regions,
+    resample,
+    scale_side,
+)
 
 log = logging.getLogger("geoseg")
-IGNORE = 255
+
+#: What a training state must share with the config it resumes under.
+_STATE_KEYS = ("model", "bands", "classes", "ignore_codes", "train", "validation", "tile_size", "batch_size",
+               "steps_per_epoch", "loss", "sampling", "augment", "seed")
 
 
-@dataclass
-class _Region:
-    """An image area in memory: raw bands, class-index targets (IGNORE where unknown) and its name."""
+@dataclass(frozen=True)
+class TrainPaths:
+    """Files a training run writes beside its checkpoint."""
 
-    image: np.ndarray
-    target: np.ndarray
-    name: str
-    exclude: Window | None = None
+    checkpoint: Path
+    log: Path
+    curves: Path
+    state: Path
+
+    @classmethod
+    def for_output(cls, output: Path) -> TrainPaths:
+        return cls(output, output.with_suffix(".log.csv"), output.with_suffix(".curves.png"),
+                   output.with_suffix(".train-state.pt"))
 
 
 @dataclass
@@ -45,151 +65,124 @@ class TrainResult:
     best_epoch: int
     best_miou: float
     history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
 
 
-def _label_lut(cfg: TrainConfig, max_code: int) -> np.ndarray:
-    lut = np.full(max(max_code, 255) + 1, IGNORE, dtype=np.uint8)
-    for index, c in enumerate(cfg.classes):
-        for code in c.label_codes:
-            if 0 <= code < len(lut):
-                lut[code] = index
-    return lut
+def resolve_train_device(cfg: TrainConfig) -> tuple[str, str]:
+    """(device, precision) for training after resolving 'auto'."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda asked for but torch sees no CUDA device")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+    return device, precision
 
 
-def _load_scene(scene: SceneConfig, cfg: TrainConfig, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
-    bands = tuple(b.index for b in cfg.bands)
-    with open_raster(scene.image) as img, open_raster(scene.labels) as lab:
-        if (img.width, img.height) != (lab.width, lab.height) or img.transform != lab.transform:
-            raise InputError(f"{scene.labels}: label grid differs from {scene.image.name} (shape or transform)")
-        if max(bands) > img.count:
-            raise InputError(f"{scene.image}: has {img.count} bands but bands[] asks for band {max(bands)}")
-        data, valid = read_window(img, window, bands, None)
-        labels = lab.read(1, window=window)
-        label_valid = lab.read_masks(1, window=window) > 0
-    if labels.dtype.kind not in "iu":
-        raise InputError(f"{scene.labels}: labels must be integer class codes, not {labels.dtype}")
-    lut = _label_lut(cfg, int(labels.max(initial=0)))
-    target = lut[labels.astype(np.int64).clip(0, len(lut) - 1)]
-    target[~(valid & label_valid)] = IGNORE
-    return data.astype(np.float32), target
+def _autocast(device: str, precision: str):  # noqa: ANN202
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _regions(cfg: TrainConfig) -> tuple[list[_Region], list[_Region]]:
-    train, val = [], []
-    vw = cfg.validation.window
-    for scene in cfg.train:
-        image, target = _load_scene(scene, cfg)
-        exclude = None
-        if vw is not None:
-            exclude = Window(vw.col_off, vw.row_off, vw.width, vw.height)
-            r0, c0 = vw.row_off, vw.col_off
-            if r0 >= image.shape[1] or c0 >= image.shape[2]:
-                raise InputError(f"{scene.image}: validation.window lies outside the scene")
-            val.append(_Region(image[:, r0 : r0 + vw.height, c0 : c0 + vw.width],
-                               target[r0 : r0 + vw.height, c0 : c0 + vw.width], f"{scene.image.name}:window"))
-        train.append(_Region(image, target, scene.image.name, exclude))
-    for scene in cfg.validation.scenes:
-        image, target = _load_scene(scene, cfg)
-        val.append(_Region(image, target, scene.image.name))
-    return train, val
-
-
-def _band_stats(regions: list[_Region]) -> tuple[list[float], list[float]]:
-    """Per-band mean and std over valid training pixels (outside the validation window)."""
-    n_bands = regions[0].image.shape[0]
-    s = np.zeros(n_bands)
-    ss = np.zeros(n_bands)
-    n = 0
-    for reg in regions:
-        keep = reg.target != IGNORE
-        if reg.exclude is not None:
-            w = reg.exclude
-            keep = keep.copy()
-            keep[int(w.row_off) : int(w.row_off + w.height), int(w.col_off) : int(w.col_off + w.width)] = False
-        px = reg.image[:, keep].astype(np.float64)
-        s += px.sum(1)
-        ss += (px**2).sum(1)
-        n += px.shape[1]
-    if n == 0:
-        raise InputError("training scenes hold no valid labelled pixel")
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 0))
-    return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
-
-
-def sample_windows(region: _Region, size: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """Random window origins in ``region`` that avoid its excluded (validation) window and hold labels."""
-    _, h, w = region.image.shape
-    if h < size or w < size:
-        raise InputError(f"{region.name}: {h}x{w} is smaller than tile_size {size}")
-    out: list[tuple[int, int]] = []
-    ex = region.exclude
-    tries = 0
-    while len(out) < count:
-        tries += 1
-        if tries > count * 200:
-            raise InputError(f"{region.name}: cannot find {size}px training windows outside the validation area")
-        r, c = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        if ex is not None and not (
-            r + size <= ex.row_off or r >= ex.row_off + ex.height or c + size <= ex.col_off or c >= ex.col_off + ex.width
-        ):
-            continue
-        if (region.target[r : r + size, c : c + size] != IGNORE).mean() < 0.5:
-            continue
-        out.append((r, c))
-    return out
-
-
-def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    k = int(rng.integers(0, 4))
-    x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
-    if rng.random() < 0.5:
-        x, y = x[:, :, ::-1], y[:, ::-1]
-    return np.ascontiguousarray(x), np.ascontiguousarray(y)
-
-
-def predict_region(model, x: np.ndarray, tile: int = 512) -> np.ndarray:  # noqa: ANN001
+def predict_region(model, x: np.ndarray, *, device: str = "cpu", precision: str = "fp32", tile: int = 512,  # noqa: ANN001
+                   halo: int = 32) -> np.ndarray:
     """Class indexes for a normalised image (bands, H, W): reflect-padded tiles, centre crops kept."""
     import torch
 
     from geoseg.grid import pad_to
 
     _, h, w = x.shape
-    halo = 32
     out = np.zeros((h, w), dtype=np.int64)
     core = tile - 2 * halo
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, precision):
         for r in range(0, h, core):
             for c in range(0, w, core):
                 r0, c0 = r - halo, c - halo
                 rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r0 + tile, h), min(c0 + tile, w)
                 patch = pad_to(x[:, rr0:rr1, cc0:cc1], (rr0 - r0, cc0 - c0), (r0 + tile - rr1, c0 + tile - cc1))
-                pred = model(torch.from_numpy(np.ascontiguousarray(patch))[None]).argmax(1)[0].numpy()
+                batch = torch.from_numpy(np.ascontiguousarray(patch))[None].to(device)
+                pred = model(batch).argmax(1)[0].cpu().numpy()
                 hh, ww = min(core, h - r), min(core, w - c)
                 out[r : r + hh, c : c + ww] = pred[halo : halo + hh, halo : halo + ww]
     return out
 
 
-def train_model(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
-    """Train, validate every epoch and keep the best checkpoint at ``cfg.output``."""
+def _batch(sampler: WindowSampler, cfg: TrainConfig, norm, rng: np.random.Generator):  # noqa: ANN001, ANN202
+    """One training batch ``(x, y)`` as numpy arrays: sampled, normalised, resampled and augmented windows."""
+    size = cfg.tile_size
+    xs, ys = [], []
+    for _ in range(cfg.batch_size):
+        side = scale_side(size, cfg.augment.scale, rng)
+        reg, r, c = sampler.sample(side)
+        y = reg.target[r : r + side, c : c + side]
+        x = norm(reg.image[:, r : r + side, c : c + side])
+        x[:, y == IGNORE] = 0.0  # unlabelled pixels look like the band mean, as nodata does at inference
+        x, y = resample(x, y, size)
+        x, y = augment(x, y, rng, cfg.augment)
+        xs.append(x)
+        ys.append(y.astype(np.int64))
+    return np.stack(xs), np.stack(ys)
+
+
+def _schedule(opt, cfg: TrainConfig):  # noqa: ANN001, ANN202
     import torch
 
+    total = cfg.epochs * cfg.steps_per_epoch
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 0.01)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+
+
+def validate(model, regions: list[tuple[np.ndarray, np.ndarray]], n_classes: int, device: str,  # noqa: ANN001
+             precision: str) -> np.ndarray:
+    """Confusion matrix of the model over the validation regions (normalised image, targets)."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for x, target in regions:
+        pred = predict_region(model, x, device=device, precision=precision)
+        cm += confusion_matrix(target, pred, n_classes)  # IGNORE (255) lies outside the class range
+    return cm
+
+
+def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = False) -> TrainResult:
+    """Train, validate every epoch and keep the best checkpoint at ``cfg.output``.
+
+    With ``resume``, continue from the training state of an earlier run of the same config (written after
+    every epoch); the result is the one the uninterrupted run would have given.
+    """
+    import torch
+
+    from geoseg.losses import class_weights_from_counts, create_loss
     from geoseg.models import ModelSpec, create_model, save_checkpoint
 
-    check_overwrite(cfg.output, cfg.overwrite)
+    paths = TrainPaths.for_output(cfg.output)
+    if resume:
+        if not paths.state.exists():
+            raise InputError(f"{paths.state}: no training state to resume from; run without --resume")
+    else:
+        check_overwrite(cfg.output, cfg.overwrite)
+    device, precision = resolve_train_device(cfg)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    train, val = _regions(cfg)
-    mean, std = _band_stats(train)
+    train, val = load_regions(cfg)
+    mean, std = band_stats(train)
     m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
     norm = lambda img: (img - m) / s  # noqa: E731
-
     n_classes = len(cfg.classes)
-    model = create_model(cfg.model.architecture, cfg.model.encoder, len(cfg.bands), n_classes, **cfg.model.arch_kwargs)
+    counts = class_counts(train, n_classes)
+    weights = class_weights_from_counts(counts, cfg.loss.class_weights)
+
+    model = create_model(cfg.model.architecture, cfg.model.encoder, len(cfg.bands), n_classes,
+                         **cfg.model.arch_kwargs).to(device)
     spec = ModelSpec(
         architecture=cfg.model.architecture, encoder=cfg.model.encoder,
         bands=[{"index": b.index, "name": b.name} for b in cfg.bands], mean=mean, std=std,
@@ -198,80 +191,172 @@ def train_model(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
         tile_size=cfg.tile_size, arch_kwargs=dict(cfg.model.arch_kwargs),
     )
     if cfg.tile_size % spec.output_stride:
-        from geoseg.errors import ConfigError
-
         raise ConfigError(f"tile_size: {cfg.tile_size} is not divisible by the model's output stride {spec.output_stride}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch,
-                                                pct_start=0.15)
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    sched = _schedule(opt, cfg)
+    loss_fn = create_loss(cfg.loss.name, IGNORE, weights, focal_gamma=cfg.loss.focal_gamma,
+                          second_weight=cfg.loss.second_weight).to(device)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    sampler = WindowSampler(train, n_classes, rng, class_balanced=cfg.sampling.class_balanced,
+                            min_labelled=cfg.sampling.min_labelled)
     val_norm = [(norm(r.image), r.target) for r in val]
+
     history: list[dict] = []
-    best = (-1.0, 0)
-    log_path = cfg.output.with_suffix(".log.csv")
-    bar = _bar(cfg.epochs * cfg.steps_per_epoch, progress)
-    started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    best_miou, best_epoch, start, elapsed0 = -1.0, 0, 1, 0.0
+    if resume:
+        state = _load_state(paths.state, cfg)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        done = state["epoch"] * cfg.steps_per_epoch
+        if state["epochs"] == cfg.epochs:
+            sched.load_state_dict(state["scheduler"])
+        else:  # more (or fewer) epochs than first planned: the schedule is stretched over the new total
+            with warnings.catch_warnings():  # stepping the schedule alone, to where the run stopped
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(done):
+                    sched.step()
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        history = json.loads(state["history"])
+        best_miou, best_epoch = state["best_miou"], state["best_epoch"]
+        start, elapsed0 = state["epoch"] + 1, history[-1]["elapsed_s"] if history else 0.0
+        if start > cfg.epochs or state["stopped_early"]:
+            why = "stopped early" if state["stopped_early"] else f"trained all {cfg.epochs} epochs"
+            raise InputError(f"{paths.state}: nothing to resume: the run {why}; raise --epochs to train longer")
+        log.info("resuming at epoch %d of %d (best so far: epoch %d, mIoU %.4f)", start, cfg.epochs, best_epoch,
+                 best_miou)
+
+    bar = _bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, progress)
+    started = time.perf_counter() - elapsed0
+    stopped_early = False
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         losses = []
         for _ in range(cfg.steps_per_epoch):
-            xs, ys = [], []
-            for _ in range(cfg.batch_size):
-                reg = train[int(rng.integers(0, len(train)))]
-                (r, c), = sample_windows(reg, cfg.tile_size, 1, rng)
-                x = norm(reg.image[:, r : r + cfg.tile_size, c : c + cfg.tile_size])
-                x[:, reg.target[r : r + cfg.tile_size, c : c + cfg.tile_size] == IGNORE] = 0
-                x, y = _augment(x, reg.target[r : r + cfg.tile_size, c : c + cfg.tile_size], rng)
-                xs.append(x)
-                ys.append(y.astype(np.int64))
-            xb, yb = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            xb, yb = _batch(sampler, cfg, norm, rng)
+            xb, yb = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            with _autocast(device, precision):
+                loss = loss_fn(model(xb), yb)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             losses.append(loss.item())
             if bar:
                 bar.advance(bar.task_ids[0])
         model.eval()
-        cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-        for x, target in val_norm:
-            pred = predict_region(model, x)
-            cm += confusion_matrix(target, pred, n_classes)
-        iou = iou_per_class(cm)
-        miou = mean_iou(cm)
-        row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": round(miou, 5),
-               "lr": sched.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 1)}
-        row.update({f"iou_{c.name}": (None if np.isnan(v) else round(float(v), 5)) for c, v in zip(cfg.classes, iou)})
+        metrics = metrics_from_confusion(validate(model, val_norm, n_classes, device, precision), spec.classes)
+        miou = metrics["mean_iou"] if metrics["mean_iou"] is not None else float("nan")
+        row: dict[str, Any] = {
+            "epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": round(miou, 5),
+            "val_overall_accuracy": round(metrics["overall_accuracy"] or 0.0, 5), "lr": sched.get_last_lr()[0],
+            "elapsed_s": round(time.perf_counter() - started, 1),
+        }
+        row.update({f"iou_{c['name']}": (None if c["iou"] is None or not c["support"] else round(c["iou"], 5))
+                    for c in metrics["classes"]})
         history.append(row)
         log.info("epoch %d  loss %.4f  val mIoU %.4f", epoch, row["train_loss"], miou)
-        if miou > best[0]:
-            best = (miou, epoch)
+        if miou > best_miou:
+            best_miou, best_epoch = miou, epoch
             provenance = {
                 "geoseg_version": __version__, "trained": datetime.now(timezone.utc).isoformat(),
-                "epoch": epoch, "val_miou": miou, "val_iou": row, "seed": cfg.seed,
+                "epoch": epoch, "val_miou": miou, "val_metrics": {k: v for k, v in metrics.items()
+                                                                  if k != "confusion_matrix"},
+                "val_confusion_matrix": metrics["confusion_matrix"], "seed": cfg.seed, "device": device,
+                "precision": precision,
                 "data": [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]}
                          for sc in cfg.train],
                 "config": dump_config(cfg),
             }
             save_checkpoint(cfg.output, model, ModelSpec(**{**spec.__dict__, "provenance": provenance}))
-        _write_log(log_path, history)
+        stopped_early = cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch < cfg.epochs
+        _write_log(paths.log, history)
+        plot_curves(history, paths.curves)
+        _save_state(paths.state, cfg, epoch, model, opt, sched, scaler, rng, history, best_miou, best_epoch,
+                    stopped_early)
+        if stopped_early:
+            log.info("early stop: no better validation mIoU for %d epochs", cfg.patience)
+            break
     if bar:
         bar.stop()
-    return TrainResult(cfg.output, best[1], best[0], history)
+    return TrainResult(cfg.output, best_epoch, best_miou, history, stopped_early)
+
+
+def _state_fingerprint(cfg: TrainConfig) -> str:
+    full = dump_config(cfg)
+    return json.dumps({k: full[k] for k in _STATE_KEYS}, sort_keys=True)
+
+
+def _save_state(path: Path, cfg: TrainConfig, epoch: int, model, opt, sched, scaler, rng: np.random.Generator,  # noqa: ANN001
+                history: list[dict], best_miou: float, best_epoch: int, stopped_early: bool) -> None:
+    """Everything needed to continue after ``epoch``; tensors and plain values only (loads with weights_only)."""
+    import torch
+
+    state = {
+        "format": "geoseg-train-state", "epoch": epoch, "epochs": cfg.epochs, "fingerprint": _state_fingerprint(cfg),
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+        "numpy_rng": json.dumps(rng.bit_generator.state), "history": json.dumps(history),
+        "best_miou": best_miou, "best_epoch": best_epoch, "stopped_early": stopped_early,
+    }
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, cfg: TrainConfig) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a readable training state ({str(exc).splitlines()[0][:80]})") from None
+    if not isinstance(state, dict) or state.get("format") != "geoseg-train-state":
+        raise CheckpointError(f"{path}: not a geoseg training state")
+    if state["fingerprint"] != _state_fingerprint(cfg):
+        saved, now = json.loads(state["fingerprint"]), json.loads(_state_fingerprint(cfg))
+        changed = ", ".join(k for k in _STATE_KEYS if saved.get(k) != now.get(k))
+        raise ConfigError(f"{path}: made with a different config ({changed} changed); only epochs may change "
+                          "on --resume")
+    return state
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
-    from geoseg._io import atomic_path
-
     with atomic_path(path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
 
 
-def _bar(total: int, enabled: bool):
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and validation mIoU / per-class IoU per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", color="#444444")
+    left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    right.plot(epochs, [h["val_miou"] for h in history], marker="o", color="black", linewidth=2, label="mIoU")
+    for key in [k for k in history[0] if k.startswith("iou_")]:
+        values = [h[key] if h[key] is not None else np.nan for h in history]
+        right.plot(epochs, values, linewidth=1, alpha=0.8, label=key[4:])
+    right.set(xlabel="epoch", ylabel="IoU", title="validation", ylim=(0, 1))
+    right.legend(fontsize=7, loc="lower right")
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def _bar(total: int, enabled: bool):  # noqa: ANN202
     if not enabled:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

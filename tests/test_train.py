@@ -1,4 +1,4 @@
-"""`geoseg train`: learns on a synthetic scene, is reproducible, never validates on training pixels."""
+"""`geoseg train`: learns on a synthetic scene, is reproducible, resumable, never validates on training pixels."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import pytest
 import yaml
 from rasterio.windows import Window
 
-from geoseg.config import TrainConfig, load_config
+from geoseg.config import AugmentConfig, TrainConfig, load_config
+from geoseg.errors import ConfigError, InputError, OutputExistsError
 from geoseg.models import load_checkpoint
 from geoseg.sample import BANDS, CLASSES
-from geoseg.train import _Region, sample_windows, train_model
+from geoseg.train import TrainPaths, train_model
+from geoseg.training_data import IGNORE, Region, WindowSampler, augment, class_counts, resample
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def train_yaml(tmp_path, sample_scene):  # noqa: ANN001
             "classes": [{**c, "codes": [c["id"]]} for c in CLASSES],
             "ignore_codes": [0],
             "train": [{"image": str(sample_scene.image), "labels": str(sample_scene.labels)}],
-            "validation": {"window": {"row_off": 200, "col_off": 0, "height": 100, "width": 340}},
+            "validation": {"window": {"row_off": 200, "height": 100}},
             "tile_size": 64, "batch_size": 8, "epochs": 5, "steps_per_epoch": 15, "lr": 0.01, "seed": 3,
             "threads": 2,
         }
@@ -35,6 +37,11 @@ def train_yaml(tmp_path, sample_scene):  # noqa: ANN001
     return make
 
 
+def _weights_equal(a, b) -> bool:  # noqa: ANN001
+    sa, sb = load_checkpoint(a)[1], load_checkpoint(b)[1]
+    return sa.keys() == sb.keys() and all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
+
+
 def test_training_learns_and_is_reproducible(train_yaml, tmp_path):  # noqa: ANN001
     cfg = train_yaml()
     first = train_model(cfg)
@@ -44,24 +51,168 @@ def test_training_learns_and_is_reproducible(train_yaml, tmp_path):  # noqa: ANN
     assert first.best_miou >= 0.65, first.history
     spec, _ = load_checkpoint(first.checkpoint)
     assert spec.provenance["epoch"] == first.best_epoch and spec.tile_size == 64 and len(spec.mean) == 4
-    assert first.checkpoint.with_suffix(".log.csv").read_text().startswith("epoch,train_loss,val_miou")
+    assert spec.provenance["val_metrics"]["mean_iou"] == pytest.approx(first.best_miou)
+    paths = TrainPaths.for_output(first.checkpoint)
+    assert paths.log.read_text().startswith("epoch,train_loss,val_miou,val_overall_accuracy,lr,elapsed_s,iou_water")
+    assert paths.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths.state.exists()
     again = train_model(cfg.model_copy(update={"output": tmp_path / "m2.safetensors"}))
     assert [h["val_miou"] for h in again.history] == [h["val_miou"] for h in first.history]
-    a, b = load_checkpoint(first.checkpoint)[1], load_checkpoint(again.checkpoint)[1]
-    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert _weights_equal(first.checkpoint, again.checkpoint)
 
 
-def test_validation_windows_never_overlap_training_windows():
+def test_validation_mious_are_the_evaluation_metrics(train_yaml, sample_scene):  # noqa: ANN001
+    """The per-epoch validation numbers are the evaluate stage's, recomputed here independently."""
+    import torch
+
+    from geoseg.models import build_model
+    from geoseg.train import predict_region
+
+    result = train_model(train_yaml(epochs=1))
+    spec, state = load_checkpoint(result.checkpoint)
+    model = build_model(spec, state)
+    import rasterio
+
+    with rasterio.open(sample_scene.image) as img, rasterio.open(sample_scene.labels) as lab:
+        image = img.read()[:, 200:300].astype(np.float32)
+        labels = lab.read(1)[200:300]
+    x = (image - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
+    x[:, labels == 0] = 0
+    with torch.inference_mode():
+        pred = predict_region(model, x)
+    ious = []
+    for k, c in enumerate(CLASSES):
+        truth, guess = (labels == c["id"]), (pred == k) & (labels != 0)
+        if truth.any():
+            ious.append((truth & guess).sum() / (truth | guess).sum())
+    assert result.history[0]["val_miou"] == pytest.approx(np.mean(ious), abs=1e-5)
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["uniform", "class-balanced"])
+def test_validation_windows_never_overlap_training_windows(balanced):  # noqa: ANN001
     rng = np.random.default_rng(0)
-    target = np.zeros((200, 200), dtype=np.uint8)
+    target = rng.integers(0, 3, (200, 200)).astype(np.uint8)
     exclude = Window(50, 60, 70, 40)
-    region = _Region(np.zeros((1, 200, 200), np.float32), target, "r", exclude)
-    for r, c in sample_windows(region, 32, 500, rng):
+    region = Region(np.zeros((1, 200, 200), np.float32), target, "r", exclude)
+    sampler = WindowSampler([region], 3, rng, class_balanced=balanced)
+    for _ in range(500):
+        _, r, c = sampler.sample(32)
         assert r + 32 <= 60 or r >= 100 or c + 32 <= 50 or c >= 120
 
 
-def test_validation_must_be_held_out(train_yaml):  # noqa: ANN001
-    from geoseg.errors import ConfigError
+def test_class_balanced_sampling_shows_rare_classes_more_often():
+    target = np.zeros((256, 256), np.uint8)
+    target[200:210, 30:40] = 1  # 100 of 65536 pixels
+    region = Region(np.zeros((1, 256, 256), np.float32), target, "r")
 
+    def rare_share(balanced: bool) -> float:
+        sampler = WindowSampler([region], 2, np.random.default_rng(2), class_balanced=balanced)
+        hits = [(target[r : r + 32, c : c + 32] == 1).mean() for _, r, c in (sampler.sample(32) for _ in range(400))]
+        return float(np.mean(hits))
+
+    assert rare_share(True) > 10 * rare_share(False)
+    assert class_counts([region], 2).tolist() == [65536 - 100, 100]
+
+
+def test_augmentations_keep_image_and_labels_aligned():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, (24, 24)).astype(np.uint8)
+    x = np.stack([y * 10.0, y * -3.0]).astype(np.float32)  # pixels carry their own label
+    cfg = AugmentConfig(brightness=0.0, contrast=0.0)
+    seen = set()
+    for _ in range(40):
+        xa, ya = augment(x, y, rng, cfg)
+        assert np.array_equal(xa[0], ya * 10.0) and np.array_equal(xa[1], ya * -3.0)
+        seen.add(ya.tobytes())
+    assert len(seen) == 8  # the eight symmetries of the square
+    jitter = AugmentConfig(flips=False, rotate90=False, brightness=0.2, contrast=0.3)
+    xa, ya = augment(x, y, rng, jitter)
+    assert np.array_equal(ya, y) and not np.array_equal(xa, x)
+    gain = (xa[0] - xa[0].min()) / np.where(x[0] - x[0].min() == 0, 1, x[0] - x[0].min())
+    assert np.allclose(gain[y > 0], gain[y > 0].flat[0], atol=1e-5) and 0.7 <= gain[y > 0].flat[0] <= 1.3
+
+
+def test_scale_jitter_resamples_bands_bilinear_and_labels_nearest():
+    y = np.kron(np.array([[1, 2], [3, 4]], np.uint8), np.ones((20, 20), np.uint8))
+    x = y[None].astype(np.float32)
+    xs, ys = resample(x, y, 16)
+    assert xs.shape == (1, 16, 16) and ys.shape == (16, 16) and set(np.unique(ys)) == {1, 2, 3, 4}
+    assert ys[0, 0] == 1 and ys[-1, -1] == 4 and xs.dtype == np.float32
+
+
+def test_resume_continues_from_the_saved_epoch(train_yaml, tmp_path, monkeypatch):  # noqa: ANN001
+    import geoseg.train as train
+
+    cfg = train_yaml(epochs=4, steps_per_epoch=6, schedule="cosine", loss={"name": "ce+dice"},
+                     augment={"brightness": 0.1, "contrast": 0.1, "scale": 0.2}, sampling={"class_balanced": True})
+    full = train_model(cfg.model_copy(update={"output": tmp_path / "full.safetensors"}))
+
+    real_validate, calls = train.validate, []
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 3
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(cfg)
+    monkeypatch.setattr(train, "validate", real_validate)
+    logged = TrainPaths.for_output(cfg.output).log.read_text().splitlines()
+    assert [line.split(",")[0] for line in logged[1:]] == ["1", "2"]  # epochs 1 and 2 finished and saved
+    with pytest.raises(OutputExistsError):
+        train_model(cfg)  # without --resume the checkpoint is not overwritten
+    resumed = train_model(cfg, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "elapsed_s"} for h in hs]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    assert (resumed.best_epoch, resumed.best_miou) == (full.best_epoch, full.best_miou)
+    assert _weights_equal(resumed.checkpoint, full.checkpoint)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train_model(cfg, resume=True)
+    with pytest.raises(ConfigError, match=r"different config \(loss changed\)"):
+        train_model(cfg.model_copy(update={"epochs": 6, "loss": cfg.loss.model_copy(update={"name": "focal"})}),
+                     resume=True)
+    longer = train_model(cfg.model_copy(update={"epochs": 5}), resume=True)
+    assert [h["epoch"] for h in longer.history] == [1, 2, 3, 4, 5]
+
+
+def test_early_stopping(train_yaml, monkeypatch):  # noqa: ANN001
+    import geoseg.train as train
+
+    right = iter([50, 70, 60, 70, 65, 90, 90])  # best at epoch 2, then two epochs without a better one
+
+    def fixed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        cm = np.diag([100] * 6)  # six classes; class 0 gets `right` of its 100 pixels, the rest go to class 1
+        t = next(right)
+        cm[0, 0], cm[0, 1] = t, 100 - t
+        return cm
+
+    monkeypatch.setattr(train, "validate", fixed)
+    result = train_model(train_yaml(epochs=7, steps_per_epoch=1, patience=2))
+    assert result.stopped_early and [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.best_epoch == 2
+
+
+def test_validation_must_be_held_out(train_yaml):  # noqa: ANN001
     with pytest.raises(ConfigError, match="validation needs scenes or a window"):
         train_yaml(validation={})
+
+
+def test_class_weights_must_match_the_classes(train_yaml):  # noqa: ANN001
+    with pytest.raises(ConfigError, match="loss.class_weights: 2 weights for 6 classes"):
+        train_yaml(loss={"class_weights": [1, 2]})
+
+
+def test_windows_larger_than_the_training_area_are_refused(train_yaml):  # noqa: ANN001
+    with pytest.raises(InputError, match="cannot find 256px training windows"):
+        train_model(train_yaml(tile_size=256, model={"architecture": "fcn", "encoder": "none",
+                                                     "arch_kwargs": {"depth": 2, "width": 8}}))
+
+
+def test_unlabelled_pixels_are_ignored():
+    target = np.full((40, 40), IGNORE, np.uint8)
+    region = Region(np.zeros((1, 40, 40), np.float32), target, "empty")
+    with pytest.raises(InputError):
+        WindowSampler([region], 2, np.random.default_rng(0)).sample(16)
+

@@ -14,7 +14,8 @@ from geoseg.cli.options import config_argument, overwrite_option, set_option
 @set_option
 @overwrite_option
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Override the number of epochs.")
-def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None) -> None:
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its training state (same config).")
+def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None, resume: bool) -> None:
     """Train an smp model on scenes and label rasters; keep the best checkpoint by validation mIoU."""
     from geoseg.config import TrainConfig, load_config
     from geoseg.train import train_model
@@ -24,6 +25,7 @@ def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: in
     if epochs:
         overrides = (*overrides, f"epochs={epochs}")
     cfg = load_config(config, overrides, TrainConfig)
-    result = train_model(cfg, progress=sys.stderr.isatty())
-    click.echo(f"wrote {result.checkpoint} (best epoch {result.best_epoch}, validation mIoU {result.best_miou:.4f})",
-               err=True)
+    result = train_model(cfg, resume=resume, progress=sys.stderr.isatty())
+    early = ", stopped early" if result.stopped_early else ""
+    click.echo(f"wrote {result.checkpoint} (best epoch {result.best_epoch}, validation mIoU {result.best_miou:.4f}"
+               f"{early}; log, curves and training state beside it)", err=True)
