@@ -52,7 +52,7 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
     quiet_dask_logs()
     if cfg.backend == "address":
         try:
-            client = Client(cfg.address, timeout=f"{cfg.timeout_s}s")
+            client = Client(cfg.address, timeout=f"{cfg.timeout_s}s", security=_security(cfg))
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"cluster.address: cannot reach scheduler {cfg.address} within {cfg.timeout_s:g}s ({type(exc).__name__})"
@@ -61,6 +61,15 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
             yield client
         finally:
             client.close()
+        return
+    if cfg.backend in ("slurm", "pbs"):
+        cluster = jobqueue_cluster(cfg, use_gpu)
+        try:
+            cluster.adapt(minimum_jobs=cfg.jobqueue.minimum_jobs, maximum_jobs=cfg.jobqueue.maximum_jobs)
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
         return
 
     n_workers, threads = cfg.n_workers, cfg.threads_per_worker
@@ -85,6 +94,49 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
             yield client
     finally:
         cluster.close()
+
+
+def _security(cfg: ClusterConfig):  # noqa: ANN202
+    """distributed Security for a tls:// scheduler, or None."""
+    if cfg.tls is None:
+        return None
+    from distributed.security import Security
+
+    return Security(tls_ca_file=str(cfg.tls.ca_file), tls_client_cert=str(cfg.tls.cert),
+                    tls_client_key=str(cfg.tls.key) if cfg.tls.key else None, require_encryption=True)
+
+
+def jobqueue_cluster(cfg: ClusterConfig, use_gpu: bool = False):  # noqa: ANN201
+    """A dask-jobqueue SLURMCluster or PBSCluster from ``cfg.jobqueue`` (no job is submitted until it scales).
+
+    A GPU job asks for one GPU and runs one worker with one thread and the ``GPU=1`` resource that GPU tasks
+    request; the worker environment carries geoseg's malloc and GDAL settings.
+    """
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterError(f"cluster.backend: {cfg.backend} needs dask-jobqueue: pip install 'geoseg[slurm]'") from None
+    jq = cfg.jobqueue
+    gpu = use_gpu or jq.gpus > 0
+    directives = list(jq.job_extra_directives)
+    # Worker threads are cores / processes; a GPU worker gets one thread and the job keeps all its cores.
+    kwargs = {"queue": jq.queue, "account": jq.account, "cores": 1 if gpu else jq.cores, "memory": jq.memory,
+              "processes": jq.processes, "walltime": jq.walltime, "job_extra_directives": directives,
+              "job_script_prologue": [f"export {k}={v}" for k, v in WORKER_ENV.items()] + list(jq.job_script_prologue),
+              "worker_extra_args": ["--resources", "GPU=1"] if gpu else [], "log_directory": jq.log_directory,
+              "interface": jq.interface, "local_directory": jq.local_directory, "job_name": "geoseg",
+              # The scheduler's HTTP server (dashboard, health) listens on localhost only: ssh -L to see it.
+              "scheduler_options": {"dashboard_address": "127.0.0.1:0"}}
+    if cfg.backend == "slurm":
+        cls = dask_jobqueue.SLURMCluster
+        if gpu:
+            kwargs["job_cpu"] = jq.cores
+            directives.insert(0, "--gres=gpu:1")
+    else:
+        cls = dask_jobqueue.PBSCluster
+        if gpu:
+            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:ngpus=1:mem={jq.memory.removesuffix('iB')}B"
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def tasks_per_host(client: Client) -> int:

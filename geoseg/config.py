@@ -133,13 +133,62 @@ class WriteConfig(_Config):
     compress: Literal["deflate", "lzw", "zstd", "none"] = Field("deflate", description="GeoTIFF compression.")
 
 
+class TLSConfig(_Config):
+    """TLS certificates for a scheduler that requires them (``tls://`` addresses)."""
+
+    ca_file: Path = Field(description="CA certificate the scheduler's certificate is checked against.")
+    cert: Path = Field(description="This client's certificate.")
+    key: Path | None = Field(None, description="This client's private key, if not inside the certificate file.")
+
+    _resolve_paths = field_validator("ca_file", "cert", "key", mode="before")(_resolve)
+
+    @field_validator("ca_file", "cert", "key")
+    @classmethod
+    def _must_exist(cls, v: Path | None) -> Path | None:
+        return None if v is None else _existing_file(v)
+
+
+class JobqueueConfig(_Config):
+    """Workers as batch jobs on SLURM or PBS (dask-jobqueue); one job runs ``processes`` workers."""
+
+    queue: str | None = Field(None, description="Partition (SLURM -p) or queue (PBS -q).")
+    account: str | None = Field(None, description="Account charged for the jobs (SLURM -A, PBS -A).")
+    cores: int = Field(4, ge=1, description="Cores per job, shared by its worker processes.")
+    memory: str = Field("16GiB", description="Memory per job, e.g. '16GiB'.")
+    processes: int = Field(1, ge=1, description="Dask worker processes per job.")
+    walltime: str = Field("02:00:00", description="Wall-clock limit per job, HH:MM:SS.")
+    gpus: int = Field(0, ge=0, le=1, description="GPUs per job (0 or 1): a GPU job runs one worker with GPU=1.")
+    minimum_jobs: int = Field(0, ge=0, description="Adaptive scaling: jobs kept even when idle.")
+    maximum_jobs: int = Field(4, ge=1, description="Adaptive scaling: most jobs at once.")
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description="More scheduler directives, e.g. ['--qos=night'] (SLURM) or ['-l select=1']."
+    )
+    job_script_prologue: list[str] = Field(
+        default_factory=list, description="Shell lines run before the worker starts, e.g. ['source /opt/geoseg/.venv/bin/activate']."
+    )
+    log_directory: str | None = Field(None, description="Folder for the jobs' stdout/stderr.")
+    interface: str | None = Field(None, description="Network interface workers listen on (e.g. ib0).")
+    local_directory: str | None = Field(None, description="Worker scratch space on the compute nodes, e.g. $TMPDIR.")
+
+    @model_validator(mode="after")
+    def _jobs(self) -> JobqueueConfig:
+        if self.minimum_jobs > self.maximum_jobs:
+            raise ValueError(f"minimum_jobs {self.minimum_jobs} is more than maximum_jobs {self.maximum_jobs}")
+        if self.gpus and self.processes != 1:
+            raise ValueError("a GPU job runs one worker per GPU: set processes: 1")
+        return self
+
+
 class ClusterConfig(_Config):
     """Where Dask runs the tasks."""
 
-    backend: Literal["local", "address"] = Field(
-        "local", description="'local': a LocalCluster started for the run; 'address': an existing scheduler."
+    backend: Literal["local", "address", "slurm", "pbs"] = Field(
+        "local", description="'local': a LocalCluster started for the run; 'address': an existing scheduler; "
+        "'slurm'/'pbs': workers submitted as batch jobs through dask-jobqueue (pip install 'geoseg[slurm]').",
     )
     address: str | None = Field(None, description="Scheduler address for backend 'address', e.g. tcp://10.0.0.5:8786.")
+    tls: TLSConfig | None = Field(None, description="Certificates for a tls:// scheduler (backend 'address').")
+    jobqueue: JobqueueConfig = Field(default_factory=JobqueueConfig)
     n_workers: int = Field(1, ge=1, description="Local worker processes (one per GPU on a GPU machine).")
     threads_per_worker: int = Field(2, ge=1, description="Task threads per local worker (1 per GPU worker).")
     memory_limit: str = Field("auto", description="Per-worker memory limit for the LocalCluster, e.g. '4GiB'.")

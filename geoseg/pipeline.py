@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from geoseg import __version__
-from geoseg._io import check_overwrite, file_digest, remove, write_text_atomic
+from geoseg._io import check_overwrite, remove, write_text_atomic
 from geoseg.config import PipelineConfig, dump_config, load_config
 from geoseg.errors import ConfigError, GeosegError, InputError
 from geoseg.models import ModelSpec, read_model_spec
+from geoseg.resume import WorkDir, model_digest, output_fingerprint, run_once, work_fingerprint
 
 log = logging.getLogger("geoseg")
 
@@ -115,7 +116,9 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
 
     reports = REPORT_FILES.values() if cfg.evaluate.reference else ()
     vector = (cfg.vectorize.output,) if cfg.vectorize.enabled else ()
-    for name in (LANDCOVER, CONFIDENCE, MANIFEST, *reports, *vector):
+    # The run.json of a failed or interrupted run records that attempt; it is not an output to protect.
+    manifest_is_output = previous_status(out_dir) == "done"
+    for name in (LANDCOVER, CONFIDENCE, *([MANIFEST] if manifest_is_output else []), *reports, *vector):
         check_overwrite(out_dir / name, cfg.overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +133,10 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
         "status": "running",
         "started": started.isoformat(),
         "config": dump_config(cfg),
+        "fingerprint": output_fingerprint(cfg),
         "inputs": {
-            "raster": _describe_file(cfg.input, digest=False),
-            "model": _describe_file(cfg.model, digest=True),
+            "raster": _describe_file(cfg.input),
+            "model": {**_describe_file(cfg.model), "sha256": model_digest(cfg.model)},
         },
     }
     try:
@@ -160,12 +164,17 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
     return result
 
 
-def _describe_file(path: Path, digest: bool) -> dict[str, Any]:
+def _describe_file(path: Path) -> dict[str, Any]:
     st = path.stat()
-    info: dict[str, Any] = {"path": str(path), "size": st.st_size, "mtime": st.st_mtime}
-    if digest:
-        info["sha256"] = file_digest(path)
-    return info
+    return {"path": str(path), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def previous_status(out_dir: Path) -> str | None:
+    """Status recorded in ``out_dir/run.json`` by an earlier run (done, failed, interrupted), or None."""
+    try:
+        return json.loads((Path(out_dir) / MANIFEST).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool, client) -> None:  # noqa: ANN001
@@ -187,9 +196,10 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     classes = spec.class_map
     n_classes = len(classes)
     device, precision = resolve_device(cfg.infer)
-    work = out_dir / f".work-{os.getpid()}"
-    tiles_path = str(work / "tiles.zarr")
-    acc_path = str(work / "accumulators.zarr")
+    work = WorkDir(out_dir, work_fingerprint(cfg))
+    tiles_path = str(work.path / "tiles.zarr")
+    acc_path = str(work.path / "accumulators.zarr")
+    markers = str(work.markers)
     scores_path = out_dir / "scores.zarr"
     ny, nx = grid.chunks_shape
     result.stats.update(
@@ -212,10 +222,14 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             raise InputError("infer.device: cuda needs workers started with --resources GPU=1; none found")
         # CPU tasks split a host's cores; with fewer chunks than task threads each task may use more.
         key = model_key(cfg.model, cfg.infer, min(tasks_per_host(client), ny * nx))
-        stack.callback(remove, work)
-        work.mkdir(parents=True, exist_ok=True)
-        create_tile_store(work / "tiles.zarr", raster, grid)
-        create_accumulator_store(acc_path, grid, n_classes)
+        # Scratch work outlives a failed or interrupted run: a rerun continues from the finished chunks.
+        if not work.open():
+            create_tile_store(Path(tiles_path), raster, grid)
+            create_accumulator_store(acc_path, grid, n_classes)
+        result.stats["chunks_resumed"] = work.count("infer")
+        result.stats["chunks_inferred"] = ny * nx - result.stats["chunks_resumed"]
+        if result.stats["chunks_resumed"]:
+            log.info("resuming: %d of %d chunks already inferred", result.stats["chunks_resumed"], ny * nx)
         client.register_plugin(ModelPlugin(key))
 
         # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits
@@ -224,17 +238,18 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         # Built from delayed tasks rather than dask.array blocks: annotations on array layers do not reach
         # the scheduler in this dask (2026.8), and the priority and GPU resource annotations must.
         token = dask.base.tokenize(tiles_path, cfg.model_dump(mode="json"), time.time())
-        tiled = {(i, j): dask.delayed(tile_chunk, pure=False)(
-            raster, tiles_path, grid, i, j, cfg.read.nodata, dask_key_name=f"geoseg-tile-{token}-{i}-{j}")
-            for i in range(ny) for j in range(nx)}
+        tiled = {(i, j): dask.delayed(run_once, pure=False)(
+            markers, "tile", i, j, tile_chunk, raster, tiles_path, grid, i, j, cfg.read.nodata,
+            dask_key_name=f"geoseg-tile-{token}-{i}-{j}") for i in range(ny) for j in range(nx)}
         # Longest chunks first (LPT): left to Dask's order a 9-tile chunk could start last and run alone while
         # the other threads idle (2048^2 on 2 threads: 10.5 s instead of 9.3 s of inference).
         tiles_in = grid.tiles_per_chunk()
         inferred = {}
         for (i, j), own in tiled.items():
             with dask.annotate(**_infer_annotations(device, int(tiles_in[i, j]))):
-                inferred[i, j] = dask.delayed(infer_to_store, pure=False)(
-                    tiles_path, acc_path, grid, i, j, key, n_classes, cfg.stitch.blend, own,
+                inferred[i, j] = dask.delayed(run_once, pure=False)(
+                    markers, "infer", i, j, infer_to_store, tiles_path, acc_path, grid, i, j, key, n_classes,
+                    cfg.stitch.blend, own,
                     after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
         lut = classes.index_to_id()
         keep_scores = cfg.write.keep_scores
@@ -299,6 +314,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 remove(kept)
                 os.replace(tiles_path, kept)
                 result.outputs["tiles"] = str(kept)
+            work.close()
         if cfg.vectorize.enabled:
             from geoseg.vectorize import vectorize_classes
 

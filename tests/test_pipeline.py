@@ -268,7 +268,9 @@ def test_failed_run_leaves_no_output_that_looks_complete(tmp_path, client, fcn_c
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_pipeline(pipeline_config(src, fcn_checkpoint, out_dir, tile={"size": 32, "overlap": 8}), client=client)
     names = sorted(p.name for p in out_dir.iterdir())
-    assert names == ["pipeline-config.json", "run.json"]
+    # the hidden scratch folder stays so that a rerun resumes from the finished chunks
+    assert names == [".geoseg-work", "pipeline-config.json", "run.json"]
+    assert not list((out_dir / ".geoseg-work").glob("*.tif"))
     manifest = json.loads((out_dir / "run.json").read_text())
     assert manifest["status"] == "failed" and "disk on fire" in manifest["error"]
 
