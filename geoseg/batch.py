@@ -1,4 +1,12 @@
-"""Batch runs: the pipeline over many scenes, each isolated, with a manifest of what happened."""
+"""Batch runs: the pipeline over many scenes on one cluster, idempotent, resumable and failure-isolated.
+
+Each scene gets its own folder ``output_dir/<scene>/`` named from the file stem or the STAC item id. A scene
+whose ``run.json`` says it finished with the same fingerprint (input, model, settings; see
+:mod:`geoseg.resume`) and whose outputs are all there is skipped; a scene whose input, model or settings
+changed is redone, and a scene interrupted earlier continues from its finished chunks. A scene that fails
+is recorded and the others carry on. The manifest (``batch.csv``, then ``batch.json`` last) has one row per
+scene: status (done, skipped, failed, interrupted), seconds, outputs and the error.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +17,37 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from geoseg._io import write_text_atomic
-from geoseg.cluster import open_client
 from geoseg.config import PipelineConfig
 from geoseg.errors import GeosegError, InputError
-from geoseg.infer import resolve_device
-from geoseg.pipeline import run_pipeline
+from geoseg.pipeline import MANIFEST, previous_status, run_pipeline
+from geoseg.resume import output_fingerprint
 
 log = logging.getLogger("geoseg")
 
-
-def expand_scenes(spec: str) -> list[Path]:
-    """Scene paths from a glob or a text file of paths (relative lines resolve against the file)."""
-    path = Path(spec)
-    if path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        scenes = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
-    else:
-        scenes = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
-    if not scenes:
-        raise InputError(f"--scenes {spec!r}: matches no file")
-    return [s.absolute() for s in scenes]
+BATCH_MANIFEST = "batch.json"
 
 
-def scene_name(path: Path, taken: set[str]) -> str:
-    """Deterministic folder name for a scene: its file stem, made unique."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "scene"
+@dataclass(frozen=True)
+class Scene:
+    """One input of a batch: its folder name, raster path and, for STAC input, its source item."""
+
+    name: str
+    path: Path
+    source: dict | None = None
+    """``{"id", "datetime", "href"}`` of the STAC item the scene came from."""
+
+
+def scene_name(text: str, taken: set[str]) -> str:
+    """Deterministic folder name: ``text`` made filesystem-safe and unique within the batch."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "scene"
     name, k = base, 2
     while name in taken:
         name, k = f"{base}-{k}", k + 1
@@ -45,8 +55,59 @@ def scene_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def expand_scenes(spec: str, stac_asset: str = "image") -> list[Scene]:
+    """Scenes from a glob, a text file of paths (``.txt``/``.lst``), or a STAC Item/ItemCollection (``.json``).
+
+    Relative paths in a list file and relative asset hrefs resolve against the file's folder.
+    """
+    path = Path(spec)
+    taken: set[str] = set()
+    if path.is_file() and path.suffix.lower() in (".json", ".geojson"):
+        scenes = _stac_scenes(path, stac_asset, taken)
+    elif path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        paths = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        scenes = [Scene(scene_name(p.stem, taken), p.absolute()) for p in paths]
+    else:
+        scenes = [Scene(scene_name(Path(p).stem, taken), Path(p).absolute()) for p in sorted(glob.glob(spec, recursive=True))]
+    if not scenes:
+        raise InputError(f"--scenes {spec!r}: matches no file")
+    return scenes
+
+
+def _stac_scenes(path: Path, asset: str, taken: set[str]) -> list[Scene]:
+    try:
+        data = json.loads(path.read_text())
+        items = data["features"] if data.get("type") == "FeatureCollection" else [data]
+        if data.get("type") not in ("FeatureCollection", "Feature"):
+            raise ValueError("type is neither FeatureCollection nor Feature")
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise InputError(f"{path}: not a STAC Item or ItemCollection ({exc})") from None
+    scenes = []
+    for k, item in enumerate(items):
+        item_id = str(item.get("id") or f"item-{k}")
+        assets = item.get("assets") or {}
+        if asset not in assets:
+            raise InputError(f"{path}: item {item_id!r} has no asset {asset!r} (batch.stac_asset); it has: "
+                             f"{', '.join(assets) or 'none'}")
+        href = str(assets[asset].get("href", ""))
+        if href.startswith("file://"):
+            href = href[len("file://"):]
+        elif "://" in href:
+            raise InputError(f"{path}: item {item_id!r}: asset {asset!r} is remote ({href}); geoseg reads local "
+                             "or mounted files: download or mount it first")
+        raster = Path(href) if Path(href).is_absolute() else path.parent / href
+        props = item.get("properties") or {}
+        self_link = next((ln.get("href") for ln in item.get("links", []) if ln.get("rel") == "self"), None)
+        source = {"id": item_id, "datetime": props.get("datetime"), "href": self_link or path.absolute().as_uri()}
+        scenes.append(Scene(scene_name(item_id, taken), raster.absolute(), source))
+    return scenes
+
+
 @dataclass
 class BatchReport:
+    """Rows of the batch manifest and where it was written."""
+
     path: Path
     rows: list[dict] = field(default_factory=list)
 
@@ -56,41 +117,103 @@ class BatchReport:
             out[r["status"]] = out.get(r["status"], 0) + 1
         return out
 
+    @property
+    def ok(self) -> bool:
+        """Every scene done or skipped."""
+        return all(r["status"] in ("done", "skipped") for r in self.rows)
 
-def run_batch(cfg: PipelineConfig, scenes: list[Path]) -> BatchReport:
-    """Run every scene into ``output_dir/<scene>/`` on one cluster; failures are recorded, not raised."""
-    report = BatchReport(cfg.output_dir / "batch.json")
+
+def is_complete(out_dir: Path, fingerprint: str) -> bool:
+    """A scene folder holds a finished run with this fingerprint, and every output it lists exists."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("status") == "done" and manifest.get("fingerprint") == fingerprint
+            and all(Path(p).exists() for p in manifest.get("outputs", {}).values()))
+
+
+def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, client=None) -> BatchReport:  # noqa: ANN001
+    """Run every scene into ``cfg.output_dir/<scene>/``; failures are recorded, not raised.
+
+    ``force`` redoes finished scenes too. ``client``: an existing Dask client instead of ``cfg.cluster``'s.
+    """
+    from geoseg.cluster import open_client
+    from geoseg.infer import resolve_device
+
+    report = BatchReport(cfg.output_dir / BATCH_MANIFEST)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    taken: set[str] = set()
+    started = datetime.now(timezone.utc)
+    todo: list[tuple[PipelineConfig, Scene, dict]] = []
+    for scene in scenes:
+        out = cfg.output_dir / scene.name
+        row: dict[str, Any] = {"scene": scene.name, "input": str(scene.path), "output_dir": str(out),
+                               "status": "pending", "seconds": 0.0, "landcover": "", "error": ""}
+        report.rows.append(row)
+        try:
+            fingerprint = output_fingerprint(cfg.model_copy(update={"input": scene.path}))
+        except OSError as exc:
+            row.update(status="failed", error=f"{scene.path}: {exc.strerror or exc}")
+            continue
+        if not force and is_complete(out, fingerprint):
+            row.update(status="skipped", landcover=str(out / "landcover.tif"))
+            continue
+        # A scene redone because its input, model or settings changed replaces its own earlier outputs.
+        redo = force or previous_status(out) == "done"
+        todo.append((cfg.model_copy(update={"input": scene.path, "output_dir": out,
+                                            "overwrite": cfg.overwrite or redo}), scene, row))
+    skipped = len(scenes) - len(todo)
+    log.info("batch: %d scenes, %d to run, %d complete already", len(scenes), len(todo), skipped)
+
     device, _ = resolve_device(cfg.infer)
-    with open_client(cfg.cluster, use_gpu=device == "cuda") as client:
-        for scene in scenes:
-            name = scene_name(scene, taken)
-            out = cfg.output_dir / name
-            row = {"scene": str(scene), "name": name, "output_dir": str(out), "status": "failed", "error": "",
-                   "seconds": 0.0, "landcover": ""}
-            t0 = time.perf_counter()
-            try:
-                scene_cfg = cfg.model_copy(update={"input": scene, "output_dir": out})
-                result = run_pipeline(scene_cfg, client=client, progress=False)
-                row.update(status="done", landcover=result.outputs.get("landcover", ""))
-            except GeosegError as exc:
-                row["error"] = str(exc)
-            except Exception as exc:  # noqa: BLE001 - one bad scene never sinks the batch
-                row["error"] = f"{type(exc).__name__}: {exc}"
-            row["seconds"] = round(time.perf_counter() - t0, 2)
-            if row["error"]:
-                log.warning("%s: failed: %s", name, row["error"])
-            report.rows.append(row)
-    _write_manifest(report)
+    pool = ThreadPoolExecutor(max_workers=cfg.batch.concurrent_scenes, thread_name_prefix="geoseg-scene")
+    try:
+        if todo:
+            with nullcontext(client) if client is not None else open_client(cfg.cluster, use_gpu=device == "cuda") as c:
+                running: dict[Future, dict] = {
+                    pool.submit(_run_scene, scene_cfg, scene, c): row for scene_cfg, scene, row in todo}
+                for fut in as_completed(running):
+                    running[fut].update(fut.result())
+    except KeyboardInterrupt:
+        for row in report.rows:
+            if row["status"] == "pending":
+                row.update(status="interrupted", error="batch interrupted; rerun to continue")
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _write_manifest(report, started)
     return report
 
 
-def _write_manifest(report: BatchReport) -> None:
+def _run_scene(cfg: PipelineConfig, scene: Scene, client) -> dict[str, Any]:  # noqa: ANN001
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    try:
+        result = run_pipeline(cfg, client=client, progress=False, item_id=scene.name, source=scene.source)
+        out.update(status="done", landcover=result.outputs.get("landcover", ""), outputs=result.outputs,
+                   timings_s=result.timings)
+    except GeosegError as exc:
+        out.update(status="failed", error=str(exc))
+    except CancelledError:
+        out.update(status="interrupted", error="cancelled; rerun to continue")
+    except Exception as exc:  # noqa: BLE001 - one bad scene never sinks the batch
+        out.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    if out["status"] != "done":
+        log.warning("%s: %s: %s", scene.name, out["status"], out["error"])
+    else:
+        log.info("%s: done in %.1fs", scene.name, out["seconds"])
+    return out
+
+
+def _write_manifest(report: BatchReport, started: datetime) -> None:
+    columns = ["scene", "status", "seconds", "input", "output_dir", "landcover", "error"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(report.rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(report.rows)
     write_text_atomic(report.path.with_suffix(".csv"), buf.getvalue())
-    # The JSON manifest is written last: its presence means the batch finished.
-    write_text_atomic(report.path, json.dumps({"scenes": report.rows, "counts": report.counts()}, indent=2) + "\n")
+    # The JSON manifest is written last: when it says so, every scene's outputs are final.
+    summary = {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+               "counts": report.counts(), "ok": report.ok, "scenes": report.rows}
+    write_text_atomic(report.path, json.dumps(summary, indent=2, default=str) + "\n")

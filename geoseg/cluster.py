@@ -84,7 +84,9 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
             threads_per_worker=threads,
             processes=True,
             memory_limit=cfg.memory_limit,
-            dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+            # Served on localhost only, on a free port so that concurrent runs never clash (None still
+            # serves the HTTP routes, on :8787).
+            dashboard_address="127.0.0.1:0",
             host="127.0.0.1",
             resources=resources,
             silence_logs=logging.ERROR,

@@ -130,6 +130,7 @@ class WriteConfig(_Config):
     keep_scores: bool = Field(False, description="Keep the Zarr store of class probabilities (scores.zarr).")
     keep_tiles: bool = Field(False, description="Keep the Zarr store of input tiles (tiles.zarr).")
     overviews: bool = Field(True, description="Build overviews (nearest/mode resampling) in the COG.")
+    stac_item: bool = Field(True, description="Write item.json, a STAC Item describing the outputs.")
     compress: Literal["deflate", "lzw", "zstd", "none"] = Field("deflate", description="GeoTIFF compression.")
 
 
@@ -255,10 +256,23 @@ class EvaluateConfig(_Config):
         return Reference(self.reference, self.attribute, dict(self.mapping), tuple(self.ignore), self.nodata, self.layer)
 
 
+class BatchConfig(_Config):
+    """`geoseg batch`: many scenes on one cluster, one output folder each."""
+
+    concurrent_scenes: int = Field(
+        2, ge=1, description="Scenes in flight at once: their tasks share the workers, and one scene's writing "
+        "overlaps another's inference.",
+    )
+    stac_asset: str = Field("image", description="Asset key of the scene raster in STAC items (--scenes items.json).")
+
+
 class PipelineConfig(_Config):
     """A `geoseg run` pipeline: one scene in, a land-cover map out."""
 
-    input: Path = Field(description="Input raster (GeoTIFF/COG or anything rasterio opens).")
+    input: Path | None = Field(
+        None, description="Input raster (GeoTIFF/COG or anything rasterio opens); required by `geoseg run`, set per "
+        "scene by `geoseg batch`.",
+    )
     model: Path = Field(description="Model checkpoint (.safetensors written by geoseg train).")
     output_dir: Path = Field(description="Folder for landcover.tif, run.json and the other outputs.")
     overwrite: bool = Field(False, description="Replace existing outputs (CLI: --overwrite).")
@@ -270,13 +284,14 @@ class PipelineConfig(_Config):
     vectorize: VectorizeConfig = Field(default_factory=VectorizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     _resolve_paths = field_validator("input", "model", "output_dir", mode="before")(_resolve)
 
     @field_validator("input", "model")
     @classmethod
-    def _must_exist(cls, v: Path) -> Path:
-        return _existing_file(v)
+    def _must_exist(cls, v: Path | None) -> Path | None:
+        return None if v is None else _existing_file(v)
 
 
 # ----------------------------------------------------------------------------------------------- training

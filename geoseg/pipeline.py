@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import CancelledError
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ log = logging.getLogger("geoseg")
 LANDCOVER = "landcover.tif"
 CONFIDENCE = "confidence.tif"
 MANIFEST = "run.json"
+STAC_ITEM = "item.json"
 RESOLVED_CONFIG = "pipeline-config.json"
 
 
@@ -102,11 +104,15 @@ def _progress(total: int, description: str, enabled: bool):
     return progress
 
 
-def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = None) -> RunResult:  # noqa: ANN001
+def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = None, item_id: str | None = None,  # noqa: ANN001
+                 source: dict | None = None) -> RunResult:
     """Run one scene through every stage; write outputs and ``run.json`` into ``cfg.output_dir``.
 
     ``client``: an existing ``distributed.Client`` to use instead of the one ``cfg.cluster`` describes.
+    ``item_id`` and ``source`` name the scene's STAC Item and the item it came from (``geoseg batch``).
     """
+    if cfg.input is None:
+        raise ConfigError("input: required key is missing (or run many scenes with geoseg batch --scenes)")
     out_dir = cfg.output_dir
     result = RunResult(out_dir)
     started = datetime.now(timezone.utc)
@@ -118,7 +124,8 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
     vector = (cfg.vectorize.output,) if cfg.vectorize.enabled else ()
     # The run.json of a failed or interrupted run records that attempt; it is not an output to protect.
     manifest_is_output = previous_status(out_dir) == "done"
-    for name in (LANDCOVER, CONFIDENCE, *([MANIFEST] if manifest_is_output else []), *reports, *vector):
+    stac = (STAC_ITEM,) if cfg.write.stac_item else ()
+    for name in (LANDCOVER, CONFIDENCE, *([MANIFEST] if manifest_is_output else []), *reports, *vector, *stac):
         check_overwrite(out_dir / name, cfg.overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,12 +147,20 @@ def run_pipeline(cfg: PipelineConfig, *, client=None, progress: bool | None = No
         },
     }
     try:
-        _run_stages(cfg, spec, result, progress, client)
-        manifest["status"] = "done"
+        raster = _run_stages(cfg, spec, result, progress, client)
         if "metrics" in result.stats:
             manifest["metrics"] = result.stats.pop("metrics")
+        if cfg.write.stac_item:
+            from geoseg.stac import stac_item
+
+            item = stac_item(item_id or cfg.input.stem, raster, result.outputs, spec.class_map, cfg.write.nodata,
+                             metrics=manifest.get("metrics"), source=source)
+            write_text_atomic(out_dir / STAC_ITEM, json.dumps(item, indent=2) + "\n")
+            result.outputs["stac_item"] = str(out_dir / STAC_ITEM)
+        manifest["status"] = "done"
     except BaseException as exc:
-        manifest["status"] = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+        stopped = isinstance(exc, (KeyboardInterrupt, CancelledError))
+        manifest["status"] = "interrupted" if stopped else "failed"
         manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
         raise
     finally:
@@ -177,7 +192,8 @@ def previous_status(out_dir: Path) -> str | None:
         return None
 
 
-def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool, client) -> None:  # noqa: ANN001
+def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool, client):  # noqa: ANN001, ANN202
+    """Every stage of one scene; returns the input's RasterSpec."""
     import dask
     from distributed import get_task_stream
 
@@ -332,6 +348,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 result.outputs.update(write_reports(report, out_dir, overwrite=cfg.overwrite))
             result.stats["metrics"] = {k: report[k] for k in ("mean_iou", "mean_iou_classes", "overall_accuracy",
                                                                "kappa", "frequency_weighted_iou", "pixels")}
+    return raster
 
 
 def _infer_annotations(device: str, n_tiles: int) -> dict[str, Any]:

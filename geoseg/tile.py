@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from rasterio.errors import RasterioError
 
+from geoseg.errors import InputError
 from geoseg.grid import TileGrid
 from geoseg.read import RasterSpec, open_raster, read_window
 
@@ -68,8 +70,15 @@ def _bounds(spec: RasterSpec) -> tuple[float, float, float, float]:
 def tile_chunk(spec: RasterSpec, tiles_path: str, grid: TileGrid, i: int, j: int, nodata_override: float | None) -> int:
     """Copy chunk ``(i, j)`` of the raster into the store; return its number of valid pixels."""
     window = grid.chunk_window(i, j)
-    with open_raster(spec.path) as src:
-        data, valid = read_window(src, window, spec.bands, nodata_override)
+    try:
+        with open_raster(spec.path) as src:
+            data, valid = read_window(src, window, spec.bands, nodata_override)
+    except RasterioError as exc:
+        # A valid header over broken or missing tiles only shows when the pixels are read.
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{spec.path}: cannot read pixels in rows {int(window.row_off)}-"
+                         f"{int(window.row_off + window.height)}, columns {int(window.col_off)}-"
+                         f"{int(window.col_off + window.width)}: file corrupt or truncated? ({detail})") from None
     group = zarr.open_group(tiles_path, mode="r+")
     r0, c0 = int(window.row_off), int(window.col_off)
     r1, c1 = r0 + int(window.height), c0 + int(window.width)

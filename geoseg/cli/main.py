@@ -7,7 +7,9 @@ User errors (:class:`~geoseg.errors.GeosegError`) print ``geoseg: error: <messag
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -40,21 +42,29 @@ def _register() -> None:
 _register()
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's time limit, systemd, kill) stops a run like Ctrl-C: cleanly and resumably."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of raising."""
+    _stop_on_sigterm()
     try:
-        cli.main(args=argv, prog_name="geoseg", standalone_mode=False)
-        return 0
+        code = cli.main(args=argv, prog_name="geoseg", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # click returns the code of an Exit raised by a command
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("geoseg: aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("geoseg: interrupted; rerun the same command to start again", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("geoseg: interrupted; rerun the same command to continue from the finished chunks", err=True)
         return 130
     except GeosegError as exc:
         if _STATE["verbose"]:

@@ -1,0 +1,127 @@
+"""STAC Items describing a run's outputs, so catalogues and GIS tools can pick them up.
+
+One Item per scene (``item.json`` beside the outputs): footprint and bbox in WGS 84, the projection of the
+grid (projection extension), the land-cover raster with its class table (classification extension v2),
+and the polygons, confidence raster, metrics and run manifest as further assets. Hrefs are relative, so an
+output folder can be moved or synced to object storage as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from geoseg import __version__
+from geoseg.classes import ClassMap
+from geoseg.read import RasterSpec
+
+STAC_VERSION = "1.1.0"
+EXTENSIONS = [
+    "https://stac-extensions.github.io/classification/v2.0.0/schema.json",
+    "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+    "https://stac-extensions.github.io/processing/v1.2.0/schema.json",
+]
+
+_MEDIA = {
+    ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+    ".gpkg": "application/geopackage+sqlite3",
+    ".fgb": "application/vnd.flatgeobuf",
+    ".json": "application/json",
+    ".csv": "text/csv",
+    ".md": "text/markdown",
+    ".png": "image/png",
+    ".qml": "application/xml",
+}
+_ROLES = {"landcover": ["data"], "confidence": ["data", "quality"], "vector": ["data"], "tiles": ["data"],
+          "scores": ["data"]}
+
+
+def footprint(spec: RasterSpec, points_per_side: int = 16) -> dict:
+    """The raster's outline in WGS 84 as a GeoJSON polygon, densified so projected edges stay true."""
+    from rasterio.transform import xy
+    from rasterio.warp import transform_geom
+
+    h, w, n = spec.height, spec.width, points_per_side
+    edge = [(0, c * w / n) for c in range(n)] + [(r * h / n, w) for r in range(n)]
+    edge += [(h, w - c * w / n) for c in range(n)] + [(h - r * h / n, 0) for r in range(n)]
+    xs, ys = xy(spec.transform, [r for r, _ in edge], [c for _, c in edge], offset="ul")
+    ring = [[float(x), float(y)] for x, y in zip(xs, ys)]
+    return transform_geom(spec.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+                          precision=7)
+
+
+def _bbox(geom: dict) -> list[float]:
+    coords = [pt for ring in geom["coordinates"] for pt in ring] if geom["type"] == "Polygon" else [
+        pt for poly in geom["coordinates"] for ring in poly for pt in ring]
+    lons, lats = [c[0] for c in coords], [c[1] for c in coords]
+    return [min(lons), min(lats), max(lons), max(lats)]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_-]+", "-", name).strip("-").lower() or "class"
+
+
+def class_table(classes: ClassMap, nodata: int) -> list[dict]:
+    """``classification:classes`` for the land-cover raster, nodata included."""
+    table = [{"value": c.id, "name": _slug(c.name), "title": c.name, "description": c.name,
+              "color_hint": c.hex.lstrip("#").upper()} for c in classes]
+    return table + [{"value": nodata, "name": "nodata", "title": "no data", "description": "no valid input",
+                     "nodata": True}]
+
+
+def acquisition_time(spec: RasterSpec) -> str | None:
+    """The scene's TIFFTAG_DATETIME as ISO 8601 (UTC assumed), if the input carries one."""
+    import rasterio
+
+    with rasterio.open(spec.path) as src:
+        raw = src.tags().get("TIFFTAG_DATETIME")
+    try:
+        return datetime.strptime(raw, "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc).isoformat() if raw else None
+    except ValueError:
+        return None
+
+
+def stac_item(item_id: str, spec: RasterSpec, outputs: dict[str, str], classes: ClassMap, nodata: int, *,
+              metrics: dict | None = None, source: dict | None = None) -> dict[str, Any]:
+    """A STAC Item for one scene's outputs (``outputs``: asset key -> path inside the scene's folder).
+
+    ``source``: the input's STAC Item when the scene came from one (its datetime is reused); otherwise the
+    input's TIFFTAG_DATETIME, or the processing time when it has none (``geoseg:datetime_source`` says which).
+    """
+    geom = footprint(spec)
+    now = datetime.now(timezone.utc).isoformat()
+    when, origin = (source or {}).get("datetime"), "source item"
+    if not when:
+        when, origin = acquisition_time(spec), "input TIFFTAG_DATETIME"
+    if not when:
+        when, origin = now, "processing time"
+    t = spec.transform
+    props: dict[str, Any] = {
+        "datetime": when, "created": now, "geoseg:datetime_source": origin,
+        "proj:code": f"EPSG:{spec.crs.to_epsg()}" if spec.crs.to_epsg() else None,
+        "proj:wkt2": None if spec.crs.to_epsg() else spec.crs.to_wkt(),
+        "proj:shape": [spec.height, spec.width], "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+        "processing:software": {"geoseg": __version__}, "processing:lineage": "land-cover segmentation",
+    }
+    if metrics:
+        props["geoseg:metrics"] = {k: metrics[k] for k in ("mean_iou", "overall_accuracy", "kappa") if k in metrics}
+    assets: dict[str, dict] = {}
+    for key, path in outputs.items():
+        p = Path(path)
+        if p.is_dir() or key in ("manifest", "stac_item"):
+            continue
+        asset = {"href": f"./{p.name}", "type": _MEDIA.get(p.suffix.lower(), "application/octet-stream"),
+                 "roles": _ROLES.get(key, ["metadata"]), "title": key.replace("_", " ")}
+        if key == "landcover":
+            asset["classification:classes"] = class_table(classes, nodata)
+            asset["nodata"] = nodata
+        assets[key] = asset
+    assets["manifest"] = {"href": "./run.json", "type": "application/json", "roles": ["metadata"],
+                          "title": "geoseg run manifest"}
+    links = [{"rel": "derived_from", "href": (source or {}).get("href") or spec.path.absolute().as_uri(),
+              "type": "application/geo+json" if source else _MEDIA[".tif"]}]
+    return {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": EXTENSIONS, "id": item_id,
+            "geometry": geom, "bbox": _bbox(geom), "properties": {k: v for k, v in props.items() if v is not None},
+            "links": links, "assets": assets}
