@@ -302,3 +302,20 @@ def test_each_scene_gets_a_stac_item_describing_its_outputs(tmp_path, client, fc
     for asset in item["assets"].values():
         assert (tmp_path / "out" / "S2A-1" / asset["href"]).exists()
     assert item["links"][0] == {"rel": "derived_from", "href": source["href"], "type": "application/geo+json"}
+
+
+def test_nightly_script_runs_the_batch_with_a_log_per_night(tmp_path, fcn_checkpoint):  # noqa: ANN001
+    root = Path(__file__).resolve().parents[1]
+    scenes_in(tmp_path / "incoming" / "2026-11-22", n=2)
+    pipeline = tmp_path / "pipe.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "model": str(fcn_checkpoint), "output_dir": str(tmp_path / "unused"), "tile": {"size": 64, "overlap": 16},
+        "vectorize": {"enabled": False}, "cluster": {"n_workers": 1, "threads_per_worker": 2}}))
+    env = {**os.environ, "GEOSEG_HOME": str(root), "GEOSEG_PIPELINE": str(pipeline),
+           "GEOSEG_SCENES": str(tmp_path / "incoming" / "2026-11-22" / "*.tif"), "GEOSEG_OUT": str(tmp_path / "lc")}
+    done = subprocess.run(["bash", str(root / "configs" / "nightly" / "geoseg-nightly.sh"), "2026-11-22"], env=env,
+                          timeout=300)
+    assert done.returncode == 0
+    assert "2 done" in (tmp_path / "lc" / "logs" / "2026-11-22" / "batch.log").read_text()
+    manifest = json.loads((tmp_path / "lc" / "2026-11-22" / "batch.json").read_text())
+    assert manifest["ok"] and [r["scene"] for r in manifest["scenes"]] == ["scene0", "scene1"]
