@@ -57,7 +57,7 @@ def run_geoseg(raster: str, out: str, block: int) -> dict:
         info = vectorize_classes(Path(raster), Path(out), VectorizeOptions(block=block), client=client, overwrite=True)
         wall = time.perf_counter() - t0
     return {"seconds": wall, "peak_rss_gib": rss.peak / 2**30, "features": info["features"],
-            "merged_from": info["merged_from"]}
+            "merged": info["merged"]}
 
 
 def run_baseline(raster: str) -> dict:

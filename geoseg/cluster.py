@@ -169,3 +169,43 @@ def for_each_result(tasks: list, consume, client: Client | None = None) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         for fut in completed([pool.submit(t.compute, scheduler="sync") for t in tasks]):
             consume(fut.result())
+
+
+def map_in_order(task_groups: list[list], client: Client | None = None, lookahead: int = 2) -> Iterator[list]:
+    """Compute groups of Dask ``tasks`` and yield each group's results in order, ``lookahead`` groups ahead.
+
+    The next groups run while the caller consumes one, and no more than ``lookahead`` finished groups wait
+    in memory. On the cluster of ``client`` when given; otherwise each task runs on the synchronous
+    scheduler in a pool of two local threads.
+    """
+    from collections import deque
+
+    if client is not None:
+        def submit(k: int):  # noqa: ANN202
+            return client.compute(task_groups[k])
+
+        def collect(futures) -> list:  # noqa: ANN001
+            results = client.gather(futures)
+            for fut in futures:
+                fut.release()
+            return results
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=2)
+
+        def submit(k: int):  # noqa: ANN202
+            return [pool.submit(t.compute, scheduler="sync") for t in task_groups[k]]
+
+        def collect(futures) -> list:  # noqa: ANN001
+            return [f.result() for f in futures]
+    pending = deque(submit(k) for k in range(min(lookahead, len(task_groups))))
+    try:
+        for k in range(len(task_groups)):
+            futures = pending.popleft()
+            if k + lookahead < len(task_groups):
+                pending.append(submit(k + lookahead))
+            yield collect(futures)
+    finally:
+        if client is None:
+            pool.shutdown(wait=True, cancel_futures=True)

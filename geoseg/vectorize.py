@@ -135,11 +135,13 @@ def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOption
 # ----------------------------------------------------------------------------------------------- merging
 
 
-def merge_border_polygons(items: list[tuple[bytes, int]], connectivity: int) -> list[tuple[shapely.Geometry, int]]:
+def merge_border_polygons(items: list[tuple[shapely.Geometry | bytes, int]],
+                          connectivity: int) -> list[tuple[shapely.Geometry, int]]:
     """Union same-class polygons connected across block edges (STR-tree candidates, union-find groups)."""
     if not items:
         return []
-    geoms = shapely.from_wkb([w for w, _ in items])
+    raw = [g for g, _ in items]
+    geoms = shapely.from_wkb(raw) if isinstance(raw[0], bytes) else np.asarray(raw, dtype=object)
     values = np.array([v for _, v in items])
     parent = np.arange(len(geoms))
 
@@ -175,6 +177,30 @@ def merge_border_polygons(items: list[tuple[bytes, int]], connectivity: int) -> 
     return out
 
 
+class RowMerger:
+    """Merges the border polygons of block rows, top to bottom, as the rows arrive.
+
+    Polygons of a row that touch a block edge are merged with each other and with the polygons carried
+    from the rows above. A merged polygon that does not reach the row's bottom edge can grow no more and is
+    final; one that does is carried to the next row. Only polygons on one row edge are ever held, so memory
+    follows the raster's width, not its area.
+    """
+
+    def __init__(self, connectivity: int, n_rows: int):
+        self.connectivity, self.n_rows = connectivity, n_rows
+        self.carried: list[tuple[shapely.Geometry, int]] = []
+
+    def add_row(self, bottom: int, border: list[tuple[bytes, int]]) -> list[tuple[shapely.Geometry, int]]:
+        """Final polygons after adding a row ending at pixel row ``bottom`` (its border polygons' WKB, class)."""
+        items = self.carried + [(shapely.from_wkb(w), v) for w, v in border]
+        merged = merge_border_polygons(items, self.connectivity)
+        final, self.carried = [], []
+        for geom, value in merged:
+            reaches_next = bottom < self.n_rows and shapely.bounds(geom)[3] == bottom
+            (self.carried if reaches_next else final).append((geom, value))
+        return final
+
+
 # ----------------------------------------------------------------------------------------------- attributes
 
 
@@ -182,7 +208,7 @@ def _frame(geoms: list, values: list[int], crs, transform: Affine, classes: Clas
     import geopandas as gpd
 
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    pixel = shapely.from_wkb(geoms) if geoms and isinstance(geoms[0], bytes) else np.asarray(geoms, dtype=object)
+    pixel = np.asarray(geoms, dtype=object)
     world = shapely.transform(pixel, lambda xy: np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c,
                                                                   d * xy[:, 0] + e * xy[:, 1] + f]))
     if e > 0 or a < 0:  # a flipped grid reverses ring orientation; keep polygons valid and oriented
@@ -263,22 +289,46 @@ def write_layer_style(gpkg: Path, layer: str, qml: str) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _blocks(height: int, width: int, block: int) -> Iterator[Window]:
-    for r0 in range(0, height, block):
-        for c0 in range(0, width, block):
-            yield Window(c0, r0, min(block, width - c0), min(block, height - r0))
+def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
+    """The raster's blocks, row by row."""
+    return [[Window(c0, r0, min(block, width - c0), min(block, height - r0)) for c0 in range(0, width, block)]
+            for r0 in range(0, height, block)]
+
+
+def pixel_polygons(raster: str, opts: VectorizeOptions, height: int, width: int, *, client=None,  # noqa: ANN001
+                   lookahead: int = 2) -> Iterator[tuple[list, list]]:
+    """Polygons of the raster in pixel coordinates, block row by block row: yields ``(inner, merged)``.
+
+    ``inner`` holds ``(wkb, class)`` of polygons inside one block, ``merged`` the ``(geometry, class)`` of
+    polygons completed by merging across block edges. Together they are the polygons of one ``shapes`` call
+    over the whole raster. ``lookahead`` rows are computed ahead (on the Dask ``client`` when given) while
+    the caller consumes a row.
+    """
+    import dask
+
+    from geoseg.cluster import map_in_order
+
+    halo = min(2 * opts.min_area_px + 2, opts.block) if opts.min_area_px > 1 else 0
+    rows = block_rows(height, width, opts.block)
+    tasks = [[dask.delayed(polygonize_block, pure=False)(raster, w, halo, opts, height, width) for w in row]
+             for row in rows]
+    merger = RowMerger(opts.connectivity, height)
+    for row, results in zip(rows, map_in_order(tasks, client, lookahead)):
+        inner = [item for block_inner, _ in results for item in block_inner]
+        border = [item for _, block_border in results for item in block_border]
+        bottom = int(row[0].row_off + row[0].height)
+        yield inner, merger.add_row(bottom, border)
 
 
 def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = VectorizeOptions(), *,
                       client=None, overwrite: bool = False) -> dict:  # noqa: ANN001
     """Polygonize a class-id GeoTIFF into ``output`` (.gpkg, or .fgb by extension).
 
-    Blocks run on the Dask ``client`` when given, else on local threads. Returns counts and paths.
+    Blocks run on the Dask ``client`` when given, else on local threads; rows are written as they are
+    merged. Returns counts and paths.
     """
-    import dask
     import pyogrio
 
-    from geoseg.cluster import for_each_result
     from geoseg.read import open_raster
 
     if opts.connectivity not in (4, 8):
@@ -291,57 +341,35 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
         crs, transform, height, width = src.crs, src.transform, src.height, src.width
         raw = src.tags().get("GEOSEG_CLASSES")
     classes = ClassMap.from_records(json.loads(raw)) if raw else ClassMap(())
-    halo = min(2 * opts.min_area_px + 2, opts.block) if opts.min_area_px > 1 else 0
-    windows = list(_blocks(height, width, opts.block))
-    tasks = [dask.delayed(polygonize_block, pure=False)(str(raster), w, halo, opts, height, width) for w in windows]
     suffix = output.suffix.lower()
     driver = {".gpkg": "GPKG", ".fgb": "FlatGeobuf"}.get(suffix)
     if driver is None:
         raise InputError(f"{output}: unsupported vector format; use .gpkg or .fgb")
-    border: list = []
+    # FlatGeobuf cannot append, and simplification needs the whole coverage: those are written at the end.
+    streaming = driver == "GPKG" and opts.simplify <= 0
     parts: list = []
-    pending: list = []
-    n_features = 0
+    counts = {"features": 0, "merged": 0}
     with atomic_path(output, overwrite=overwrite) as tmp:
         written = False
 
-        def emit(gdf) -> None:  # noqa: ANN001
-            nonlocal n_features
-            if gdf.empty:
-                return
-            gdf = add_measures(gdf)
-            n_features += len(gdf)
-            if driver != "GPKG" or opts.simplify > 0:
-                # FlatGeobuf cannot append; simplification needs the whole coverage.
-                parts.append(gdf)
-                return
-            pending.append(gdf)
-            if sum(len(p) for p in pending) >= 50_000:  # fewer, larger appends: each has a fixed cost
-                flush()
-
-        def flush() -> None:
+        def write(gdf) -> None:  # noqa: ANN001
             nonlocal written
-            if not pending:
-                return
-            import pandas as pd
-
-            batch = pd.concat(pending, ignore_index=True) if len(pending) > 1 else pending[0]
-            pending.clear()
-            pyogrio.write_dataframe(batch, tmp, layer=opts.layer, driver=driver, append=written,
-                                    promote_to_multi=True)
+            pyogrio.write_dataframe(gdf, tmp, layer=opts.layer, driver=driver, append=written, promote_to_multi=True)
             written = True
 
-        def collect(result: tuple[list, list]) -> None:
-            inner, edge = result
-            border.extend(edge)
-            if inner:
-                emit(_frame([w for w, _ in inner], [v for _, v in inner], crs, transform, classes))
-
-        for_each_result(tasks, collect, client)
-        merged = merge_border_polygons(border, opts.connectivity)
-        if merged:
-            emit(_frame([g for g, _ in merged], [v for _, v in merged], crs, transform, classes))
-        flush()
+        for inner, merged in pixel_polygons(str(raster), opts, height, width, client=client):
+            counts["merged"] += len(merged)
+            if not inner and not merged:
+                continue
+            geoms = np.concatenate([shapely.from_wkb([g for g, _ in inner]) if inner else np.empty(0, object),
+                                    np.array([g for g, _ in merged], dtype=object)])
+            values = [v for _, v in inner] + [v for _, v in merged]
+            gdf = add_measures(_frame(geoms, values, crs, transform, classes))
+            counts["features"] += len(gdf)
+            if streaming:
+                write(gdf)
+            else:
+                parts.append(gdf)
         if parts:
             import pandas as pd
 
@@ -349,8 +377,7 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
             if opts.simplify > 0:
                 gdf["geometry"] = shapely.coverage_simplify(gdf.geometry.values, opts.simplify)
                 gdf = add_measures(gdf)
-            pyogrio.write_dataframe(gdf, tmp, layer=opts.layer, driver=driver, promote_to_multi=True)
-            written = True
+            write(gdf)
         if not written:  # an all-nodata raster still gets a valid, empty layer
             import geopandas as gpd
 
@@ -359,4 +386,5 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
             pyogrio.write_dataframe(empty, tmp, layer=opts.layer, driver=driver, geometry_type="MultiPolygon")
         if driver == "GPKG":
             write_layer_style(tmp, opts.layer, qgis_vector_style(classes))
-    return {"path": str(output), "features": n_features, "blocks": len(windows), "merged_from": len(border)}
+    return {"path": str(output), "features": counts["features"], "blocks": sum(map(len, block_rows(
+        height, width, opts.block))), "merged": counts["merged"]}

@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.features import rasterize, shapes
 from rasterio.transform import from_origin
-from rasterio.windows import Window
 
-from geoseg.vectorize import VectorizeOptions, merge_border_polygons, polygonize_block, sieve_block, vectorize_classes
+from geoseg.vectorize import VectorizeOptions, pixel_polygons, sieve_block, vectorize_classes
 from tests.conftest import write_raster
 
 CLASSES = [{"id": i, "name": f"c{i}", "color": "#{:02x}{:02x}40".format(50 * i, 255 - 40 * i)} for i in (1, 2, 3, 4)]
@@ -39,16 +38,13 @@ def random_labels(seed: int, shape=(97, 83), cell=5, nodata_frac=0.1) -> np.ndar
 
 
 def chunked_pixel_polygons(data: np.ndarray, block: int, connectivity: int, tmp_path) -> list:  # noqa: ANN001
+    """Polygons as the chunked driver makes them: blocks polygonized, merged row by row."""
     path = write_raster(tmp_path / "h.tif", data.astype("uint8"), nodata=255, transform=from_origin(1e3, 1e3, 1, 1))
     opts = VectorizeOptions(connectivity=connectivity, block=block)
-    h, w = data.shape
-    inner, border = [], []
-    for r0 in range(0, h, block):
-        for c0 in range(0, w, block):
-            i, b = polygonize_block(str(path), Window(c0, r0, min(block, w - c0), min(block, h - r0)), 0, opts, h, w)
-            inner += [(shapely.from_wkb(g), v) for g, v in i]
-            border += b
-    return inner + merge_border_polygons(border, connectivity)
+    out = []
+    for inner, merged in pixel_polygons(str(path), opts, *data.shape, lookahead=3):
+        out += [(shapely.from_wkb(g), v) for g, v in inner] + merged
+    return out
 
 
 def whole_pixel_polygons(data: np.ndarray, connectivity: int) -> list:
