@@ -6,6 +6,7 @@ For each size: a land-cover raster with realistic patches (the sample generator'
 window by window), then, each in its own child process so peak RSS is its own:
   geoseg    vectorize_classes on a LocalCluster of 2 workers x 1 thread, written to a GeoPackage
   baseline  read the raster whole, shapes(..., mask=) over it, build a GeoDataFrame (not written)
+  baseline+gpkg  the same, then the GeoPackage geoseg writes (class names, area, perimeter, QGIS style)
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def make_labels(size: int) -> Path:
     return path
 
 
+def _import_libraries() -> None:
+    import rasterio.features  # noqa: F401
+    import shapely  # noqa: F401
+
+    import geoseg.vectorize  # noqa: F401
+
+
 def run_geoseg(raster: str, out: str, block: int) -> dict:
     from distributed import Client, LocalCluster
 
@@ -53,6 +61,7 @@ def run_geoseg(raster: str, out: str, block: int) -> dict:
 
     with PeakRSS() as rss, LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
+        client.run(_import_libraries)  # as the baseline, whose imports happen before its clock starts
         t0 = time.perf_counter()
         info = vectorize_classes(Path(raster), Path(out), VectorizeOptions(block=block), client=client, overwrite=True)
         wall = time.perf_counter() - t0
@@ -60,7 +69,8 @@ def run_geoseg(raster: str, out: str, block: int) -> dict:
             "merged": info["merged"]}
 
 
-def run_baseline(raster: str) -> dict:
+def run_baseline(raster: str, out: str | None = None) -> dict:
+    """The single call; with ``out``, also the same GeoPackage geoseg writes (names, area, perimeter, style)."""
     import geopandas as gpd
     import rasterio
     from rasterio.features import shapes
@@ -71,8 +81,21 @@ def run_baseline(raster: str) -> dict:
         with rasterio.open(raster) as src:
             data, mask = src.read(1), src.read_masks(1) > 0
             transform, crs = src.transform, src.crs
+            classes = json.loads(src.tags()["GEOSEG_CLASSES"])
         feats = [(shape(g), int(v)) for g, v in shapes(data, mask=mask, transform=transform)]
         gdf = gpd.GeoDataFrame({"class_id": [v for _, v in feats]}, geometry=[g for g, _ in feats], crs=crs)
+        if out:
+            import pyogrio
+
+            from geoseg.classes import ClassMap
+            from geoseg.vectorize import add_measures, qgis_vector_style, write_layer_style
+
+            cmap = ClassMap.from_records(classes)
+            gdf["class_name"] = [cmap.name_of(v) for v in gdf["class_id"]]
+            gdf = add_measures(gdf)
+            Path(out).unlink(missing_ok=True)
+            pyogrio.write_dataframe(gdf, out, layer="landcover", driver="GPKG", promote_to_multi=True)
+            write_layer_style(Path(out), "landcover", qgis_vector_style(cmap))
         wall = time.perf_counter() - t0
     return {"seconds": wall, "peak_rss_gib": rss.peak / 2**30, "features": len(gdf)}
 
@@ -81,13 +104,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--block", type=int, default=2048)
-    p.add_argument("--part", choices=["geoseg", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=["geoseg", "baseline", "baseline+gpkg"], help=argparse.SUPPRESS)
     p.add_argument("--raster", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--skip-baseline-above", type=int, default=16384)
     args = p.parse_args()
     if args.part:
-        res = run_geoseg(args.raster, args.out, args.block) if args.part == "geoseg" else run_baseline(args.raster)
+        res = (run_geoseg(args.raster, args.out, args.block) if args.part == "geoseg" else
+               run_baseline(args.raster, args.out if args.part == "baseline+gpkg" else None))
         print(json.dumps(res))
         return
     malloc = control_malloc(True)
@@ -97,7 +121,7 @@ def main() -> None:
         raster = make_labels(size)
         px = size * size
         row = {}
-        parts = ["geoseg"] + (["baseline"] if size <= args.skip_baseline_above else [])
+        parts = ["geoseg"] + (["baseline", "baseline+gpkg"] if size <= args.skip_baseline_above else [])
         for part in parts:
             cmd = [sys.executable, __file__, "--part", part, "--raster", str(raster), "--block", str(args.block),
                    "--out", str(RESULTS / "data" / f"vector-{size}.gpkg")]
@@ -108,12 +132,13 @@ def main() -> None:
                 continue
             row[part] = json.loads(done.stdout.splitlines()[-1])
             r = row[part]
-            print(f"{size}x{size} {part:8s}: {r['seconds']:.1f}s, {px / r['seconds'] / 1e6:.2f} MPix/s, "
+            print(f"{size}x{size} {part:13s}: {r['seconds']:.1f}s, {px / r['seconds'] / 1e6:.2f} MPix/s, "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB, {r['features']} polygons", flush=True)
-        if "seconds" in row.get("baseline", {}) and "seconds" in row.get("geoseg", {}):
-            assert row["baseline"]["features"] == row["geoseg"]["features"], "polygon counts differ"
-            print(f"  geoseg / baseline speed {row['baseline']['seconds'] / row['geoseg']['seconds']:.2f}, "
-                  f"RSS {row['geoseg']['peak_rss_gib'] / row['baseline']['peak_rss_gib']:.2f}; same polygon count")
+        for base in ("baseline", "baseline+gpkg"):
+            if "seconds" in row.get(base, {}) and "seconds" in row.get("geoseg", {}):
+                assert row[base]["features"] == row["geoseg"]["features"], "polygon counts differ"
+                print(f"  geoseg vs {base}: speed x{row[base]['seconds'] / row['geoseg']['seconds']:.2f}, "
+                      f"RSS x{row['geoseg']['peak_rss_gib'] / row[base]['peak_rss_gib']:.2f}; same polygon count")
         rows[size] = row
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "vectorize.json").write_text(json.dumps({"machine": machine(), "malloc": malloc, "sizes": rows},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import shapely
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geoseg._io import atomic_path
@@ -92,17 +94,20 @@ def sieve_block(data: np.ndarray, valid: np.ndarray, min_area: int, connectivity
 
 def _read_block(path: str, window: Window, halo: int, opts: VectorizeOptions) -> tuple[np.ndarray, np.ndarray]:
     import rasterio
+    from rasterio.enums import MaskFlags
 
     with rasterio.open(path) as src:
-        if not halo:
-            data = src.read(1, window=window)
-            return data, src.read_masks(1, window=window) > 0
         r0, c0 = int(window.row_off) - halo, int(window.col_off) - halo
         r1, c1 = int(window.row_off + window.height) + halo, int(window.col_off + window.width) + halo
         rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, src.height), min(c1, src.width)
         ext = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
         data = src.read(1, window=ext)
-        valid = src.read_masks(1, window=ext) > 0
+        if src.mask_flag_enums[0] == [MaskFlags.nodata]:
+            valid = data != src.nodata  # what GDAL's mask would say, without decoding the block again
+        else:
+            valid = src.read_masks(1, window=ext) > 0
+    if not halo:
+        return data, valid
     data = sieve_block(data, valid, opts.min_area_px, opts.connectivity)
     tr, tc = int(window.row_off) - rr0, int(window.col_off) - cc0
     core = (slice(tr, tr + int(window.height)), slice(tc, tc + int(window.width)))
@@ -120,16 +125,23 @@ def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOption
     data, valid = _read_block(path, window, halo, opts)
     r0, c0 = int(window.row_off), int(window.col_off)
     r1, c1 = r0 + int(window.height), c0 + int(window.width)
-    inner, border = [], []
-    for geom, value in shapes(data, mask=valid, connectivity=opts.connectivity, transform=Affine.translation(c0, r0)):
-        poly = shapely.geometry.shape(geom)
-        if not poly.is_valid:  # 8-connected pixels give rings that touch themselves (OGC-invalid)
-            poly = shapely.make_valid(poly)
-        minx, miny, maxx, maxy = poly.bounds
-        touches = (minx == c0 and c0 > 0) or (maxx == c1 and c1 < n_cols) or (miny == r0 and r0 > 0) or (
-            maxy == r1 and r1 < n_rows)
-        (border if touches else inner).append((shapely.to_wkb(poly), int(value)))
-    return inner, border
+    with warnings.catch_warnings():  # pixel coordinates on purpose: the first block's transform is the identity
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        found = list(shapes(data, mask=valid, connectivity=opts.connectivity, transform=Affine.translation(c0, r0)))
+    if not found:
+        return [], []
+    polys = np.empty(len(found), dtype=object)
+    polys[:] = [shapely.geometry.shape(geom) for geom, _ in found]
+    values = np.array([int(v) for _, v in found])
+    bad = ~shapely.is_valid(polys)
+    if bad.any():  # 8-connected pixels give rings that touch themselves (OGC-invalid)
+        polys[bad] = shapely.make_valid(polys[bad])
+    minx, miny, maxx, maxy = shapely.bounds(polys).T
+    touches = (((minx == c0) & (c0 > 0)) | ((maxx == c1) & (c1 < n_cols)) | ((miny == r0) & (r0 > 0))
+               | ((maxy == r1) & (r1 < n_rows)))
+    wkb, values = shapely.to_wkb(polys).tolist(), values.tolist()
+    return ([(w, v) for w, v, t in zip(wkb, values, touches) if not t],
+            [(w, v) for w, v, t in zip(wkb, values, touches) if t])
 
 
 # ----------------------------------------------------------------------------------------------- merging
