@@ -20,6 +20,7 @@ from typing import Any
 from geoseg import __version__
 from geoseg._io import file_digest, remove, write_text_atomic
 from geoseg.config import PipelineConfig, dump_config
+from geoseg.errors import GeosegError
 
 WORK_DIR = ".geoseg-work"
 
@@ -108,6 +109,15 @@ def run_once(markers: str, stage: str, i: int, j: int, fn: Callable[..., int], *
         return int(marker.read_text())
     except (OSError, ValueError):
         pass
-    value = int(fn(*args, **kwargs))
+    error = None
+    try:
+        value = int(fn(*args, **kwargs))
+    except GeosegError as exc:
+        # Dask ships a task's exception with its __context__ chain (tblib); a chain holding a GDAL error does
+        # not pickle and would reach the client as a bare Exception. Raised here, outside the except block,
+        # the user's one-line error travels alone.
+        error = type(exc)(*exc.args)
+    if error is not None:
+        raise error
     write_text_atomic(marker, str(value))
     return value

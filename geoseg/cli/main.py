@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"geoseg: error: {_one_line(str(exc))}", err=True)
         return 1
+    except OSError as exc:  # disk full, permissions, a file gone: the machine's state, not a bug in geoseg
+        if _STATE["verbose"]:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        what = exc.strerror or str(exc) or type(exc).__name__
+        click.echo(f"geoseg: error: {where}{_one_line(what)}; nothing was left half-written", err=True)
+        return 1
     except Exception as exc:  # noqa: BLE001 - anything else is a bug; still one line unless --verbose
         if _STATE["verbose"]:
             traceback.print_exc()
