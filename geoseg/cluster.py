@@ -137,7 +137,9 @@ def jobqueue_cluster(cfg: ClusterConfig, use_gpu: bool = False):  # noqa: ANN201
     else:
         cls = dask_jobqueue.PBSCluster
         if gpu:
-            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:ngpus=1:mem={jq.memory.removesuffix('iB')}B"
+            from dask.utils import parse_bytes
+
+            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:ngpus=1:mem={max(1, parse_bytes(jq.memory) // 2**30)}gb"
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 

@@ -315,7 +315,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             finally:
                 if bar:
                     bar.stop()
-        result.stats["task_seconds"] = _task_seconds(stream.data)
+        result.stats["task_seconds"] = _task_seconds(stream.data, token)
         result.stats["valid_pixels"] = int(valid_counts.sum())
         result.stats["tiles_inferred"] = tiles_inferred
         with _timed(timings, "write"):
@@ -356,14 +356,17 @@ def _infer_annotations(device: str, n_tiles: int) -> dict[str, Any]:
     return {"priority": n_tiles, **({"resources": {"GPU": 1}} if device == "cuda" else {})}
 
 
-def _task_seconds(records: list[dict]) -> dict[str, float]:
-    """Task compute seconds (summed over workers) per stage, from the scheduler's task stream."""
+def _task_seconds(records: list[dict], token: str) -> dict[str, float]:
+    """Task compute seconds (summed over workers) per stage of this run (``token``), from the task stream.
+
+    The stream also holds the tasks of other runs on the same cluster (a batch's concurrent scenes).
+    """
     stages = {"tile": 0.0, "infer": 0.0, "stitch": 0.0}
     for rec in records:
-        key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
-        key = str(key)
-        # Dask may fuse a tile task into its consumer's key ("from-value-geoseg-tile-..."), so match anywhere.
-        stage = "tile" if "geoseg-tile" in key else "infer" if key.startswith("geoseg-infer") else "stitch"
+        key = str(rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"])
+        stage = next((s for s in stages if f"geoseg-{s}-{token}" in key), None)
+        if stage is None:
+            continue
         for ss in rec.get("startstops", ()):
             if ss.get("action") == "compute":
                 stages[stage] += ss["stop"] - ss["start"]

@@ -221,8 +221,8 @@ def test_interrupted_run_resumes_from_finished_chunks(tmp_path, unet_checkpoint)
 @pytest.mark.parametrize("backend,directives", [
     ("slurm", ["#SBATCH -p gpu", "#SBATCH -A eo-nightly", "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:1",
                "#SBATCH --cpus-per-task=8", "#SBATCH --qos=night"]),
-    ("pbs", ["#PBS -q gpu", "#PBS -A eo-nightly", "#PBS -l walltime=04:00:00", "#PBS -l select=1:ncpus=8:ngpus=1",
-             "#PBS --qos=night"]),
+    ("pbs", ["#PBS -q gpu", "#PBS -A eo-nightly", "#PBS -l walltime=04:00:00",
+             "#PBS -l select=1:ncpus=8:ngpus=1:mem=32gb", "#PBS --qos=night"]),
 ])
 def test_jobqueue_backends_render_the_expected_job_script(backend, directives):  # noqa: ANN001
     from geoseg.cluster import jobqueue_cluster

@@ -290,7 +290,9 @@ def test_run_manifest(tmp_path, client, fcn_checkpoint, sample_scene):  # noqa: 
     for path in manifest["outputs"].values():
         assert (tmp_path / "o" / path).exists()
     assert json.loads((tmp_path / "o" / "pipeline-config.json").read_text())["tile"]["overlap"] == 16
-    assert not list((tmp_path / "o").glob(".work*")) and not list((tmp_path / "o").glob(".*tmp*"))
+    assert len(manifest["fingerprint"]) == 64 and manifest["stats"]["chunks_resumed"] == 0
+    # the scratch stores are gone once the outputs are complete, and no temporary file is left
+    assert not (tmp_path / "o" / ".geoseg-work").exists() and not list((tmp_path / "o").glob(".*tmp*"))
 
 
 def test_unusable_rasters_are_refused(tmp_path, fcn_checkpoint):  # noqa: ANN001
