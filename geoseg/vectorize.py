@@ -1,11 +1,11 @@
 """Vectorize stage: class-id raster -> polygons in a GeoPackage (or FlatGeobuf), block by block.
 
-Each block is polygonized with :func:`rasterio.features.shapes` (``mask=`` skips nodata) in *pixel*
-coordinates, so edges shared by two blocks have bit-identical coordinates. Polygons that touch an inner
-block edge are merged with their same-class neighbours across it (STR-tree + union-find; only these take
-part, so memory stays bounded), then every geometry is mapped to the raster's CRS with its affine
-transform. The result is the set of polygons one ``shapes`` call over the whole raster gives.
-"""
+Each block is polygonized on a worker with :func:`rasterio.features.shapes` (``mask=`` skips nodata) in
+*pixel* coordinates, so edges shared by two blocks have bit-identical coordinates. Polygons inside a block
+leave the worker finished (CRS coordinates, area, perimeter, WKB). Those touching an inner block edge are
+grouped on the client with their same-class neighbours across it (STR-tree + union-find; only these take
+part, so memory stays bounded), and each group is unioned on a worker. The client only groups and writes.
+The result is the set of polygons one ``shapes`` call over the whole raster gives."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import logging
 import sqlite3
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +44,15 @@ class VectorizeOptions:
     simplify: float = 0.0
     """Topology-preserving simplification tolerance in CRS units (0: none)."""
     block: int = 2048
+
+
+@dataclass(frozen=True)
+class Georef:
+    """The raster's grid (pixel -> CRS coordinates) and CRS, as sent to the workers."""
+
+    transform: Affine
+    crs: str
+    """WKT or ``EPSG:n``."""
 
 
 # ----------------------------------------------------------------------------------------------- raster side
@@ -114,24 +124,45 @@ def _read_block(path: str, window: Window, halo: int, opts: VectorizeOptions) ->
     return data[core], valid[core]
 
 
-def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOptions, n_rows: int,
-                     n_cols: int) -> tuple[list, list]:
-    """Polygons of one block in pixel coordinates, split into (inner, touching an inner block edge).
+def _polygons(found: list[tuple[dict, float]]) -> np.ndarray:
+    """Shapely polygons of ``shapes()`` GeoJSON, built in bulk.
 
-    Each item is ``(wkb, class_id)``.
+    ``shapely.geometry.shape`` walks every vertex in Python; one array of all the vertices and two
+    vectorized constructors (rings, then polygons, the first ring of each being its shell) take a third of
+    the time of the whole block.
+    """
+    coords: list = []
+    ring_sizes, ring_owner = [], []
+    for k, (geom, _) in enumerate(found):
+        for ring in geom["coordinates"]:
+            coords.extend(ring)
+            ring_sizes.append(len(ring))
+            ring_owner.append(k)
+    rings = shapely.linearrings(np.array(coords, dtype=np.float64),
+                                indices=np.repeat(np.arange(len(ring_sizes)), ring_sizes))
+    return shapely.polygons(rings, indices=np.array(ring_owner))
+
+
+def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOptions, n_rows: int, n_cols: int,
+                     georef: Georef) -> tuple[dict, list]:
+    """Polygons of one block: ``(features, border)``.
+
+    ``features`` holds the polygons inside the block, finished (:func:`features`); ``border`` the
+    ``(wkb, class_id)`` of those touching an inner block edge, in pixel coordinates, to be merged.
     """
     from rasterio.features import shapes
 
     data, valid = _read_block(path, window, halo, opts)
     r0, c0 = int(window.row_off), int(window.col_off)
     r1, c1 = r0 + int(window.height), c0 + int(window.width)
-    with warnings.catch_warnings():  # pixel coordinates on purpose: the first block's transform is the identity
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        found = list(shapes(data, mask=valid, connectivity=opts.connectivity, transform=Affine.translation(c0, r0)))
+    # rasterio warns NotGeoreferenced on the first block's identity transform (pixel coordinates on purpose)
+    # and, spuriously, when threads make in-memory datasets at once (odc-geo#131). catch_warnings is not
+    # thread-safe, so the filter is process-wide, for rasterio.features only.
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
+    found = list(shapes(data, mask=valid, connectivity=opts.connectivity, transform=Affine.translation(c0, r0)))
     if not found:
-        return [], []
-    polys = np.empty(len(found), dtype=object)
-    polys[:] = [shapely.geometry.shape(geom) for geom, _ in found]
+        return features(np.empty(0, dtype=object), [], georef), []
+    polys = _polygons(found)
     values = np.array([int(v) for _, v in found])
     bad = ~shapely.is_valid(polys)
     if bad.any():  # 8-connected pixels give rings that touch themselves (OGC-invalid)
@@ -139,109 +170,150 @@ def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOption
     minx, miny, maxx, maxy = shapely.bounds(polys).T
     touches = (((minx == c0) & (c0 > 0)) | ((maxx == c1) & (c1 < n_cols)) | ((miny == r0) & (r0 > 0))
                | ((maxy == r1) & (r1 < n_rows)))
-    wkb, values = shapely.to_wkb(polys).tolist(), values.tolist()
-    return ([(w, v) for w, v, t in zip(wkb, values, touches) if not t],
-            [(w, v) for w, v, t in zip(wkb, values, touches) if t])
+    border = list(zip(shapely.to_wkb(polys[touches]).tolist(), values[touches].tolist()))
+    return features(polys[~touches], values[~touches], georef), border
 
 
 # ----------------------------------------------------------------------------------------------- merging
 
 
-def merge_border_polygons(items: list[tuple[shapely.Geometry | bytes, int]],
-                          connectivity: int) -> list[tuple[shapely.Geometry, int]]:
-    """Union same-class polygons connected across block edges (STR-tree candidates, union-find groups)."""
-    if not items:
-        return []
-    raw = [g for g, _ in items]
-    geoms = shapely.from_wkb(raw) if isinstance(raw[0], bytes) else np.asarray(raw, dtype=object)
-    values = np.array([v for _, v in items])
-    parent = np.arange(len(geoms))
+def union_groups(groups: list[tuple[list[bytes], int]], georef: Georef) -> dict:
+    """The polygons of groups of same-class pieces (pixel WKB) that share edges: their unions, finished."""
+    geoms = np.empty(len(groups), dtype=object)
+    for k, (pieces, _) in enumerate(groups):
+        if len(pieces) == 1:
+            geoms[k] = shapely.from_wkb(pieces[0])
+        else:
+            # simplify(0) drops the collinear vertices left where block edges were, as one shapes() call has none.
+            geoms[k] = shapely.simplify(shapely.union_all(shapely.from_wkb(pieces)), 0.0, preserve_topology=False)
+    return features(geoms, [value for _, value in groups], georef)
 
-    def find(i: int) -> int:
+
+_SCATTER_BYTES = 4 * 2**20
+
+
+def _balanced(groups: list[tuple[list[bytes], int]], parts: int) -> list[list]:
+    """``groups`` in up to ``parts`` lists of about equal WKB size, largest first (LPT)."""
+    bins: list[list] = [[] for _ in range(max(1, min(parts, len(groups))))]
+    load = [0] * len(bins)
+    for group in sorted(groups, key=lambda g: -sum(map(len, g[0]))):
+        k = load.index(min(load))
+        bins[k].append(group)
+        load[k] += sum(map(len, group[0]))
+    return bins
+
+
+class RowMerger:
+    """Groups the border polygons of block rows, top to bottom, as the rows arrive.
+
+    A border polygon (a *piece*: one block's polygon touching an inner block edge) is joined to the
+    same-class pieces it shares an edge with (a corner too when 8-connected): STR-tree candidates, exact
+    DE-9IM tests, union-find. Only this row's pieces and the previous row's pieces on their common edge are
+    tested. A group none of whose pieces reaches the row's bottom edge can grow no more and is handed out
+    (its pieces, to be unioned by :func:`union_groups`). Only the pieces of groups still open are held, so
+    memory follows the polygons crossing the current row edge, not the raster's area.
+    """
+
+    def __init__(self, connectivity: int, n_rows: int):
+        self.n_rows = n_rows
+        # 4-connected: they share an edge (boundaries meet in a line); 8-connected: a corner is enough.
+        self.pattern = "F***1****" if connectivity == 4 else "F***T****"
+        self.pieces: dict[int, tuple[shapely.Geometry, bytes, int]] = {}
+        self.parent: dict[int, int] = {}
+        self.on_edge: list[int] = []  # pieces touching the bottom edge of the last row
+        self.next_id = 0
+
+    def _find(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    tree = shapely.STRtree(geoms)
-    left, right = tree.query(geoms)  # bounding boxes only: cheap, then exact tests on same-class pairs
-    keep = (left < right) & (values[left] == values[right])
-    left, right = left[keep], right[keep]
-    if len(left):
-        shapely.prepare(geoms)
-        # 4-connected: they share an edge (boundaries meet in a line); 8-connected: a corner is enough.
-        pattern = "F***1****" if connectivity == 4 else "F***T****"
-        touch = shapely.relate_pattern(geoms[left], geoms[right], pattern)
-        left, right = left[touch], right[touch]
-    for a, b in zip(left, right):
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(geoms)):
-        groups.setdefault(find(i), []).append(i)
-    out = []
-    for members in groups.values():
-        geom = geoms[members[0]] if len(members) == 1 else shapely.union_all(geoms[members])
-        # Drop the collinear vertices left where block edges were, as a single shapes() call has none.
-        geom = shapely.simplify(geom, 0.0, preserve_topology=False)
-        out.append((geom, int(values[members[0]])))
-    return out
+    def add_row(self, bottom: int, border: list[tuple[bytes, int]]) -> list[tuple[list[bytes], int]]:
+        """Groups completed by a row ending at pixel row ``bottom``: ``(pieces' WKB, class)`` each.
 
-
-class RowMerger:
-    """Merges the border polygons of block rows, top to bottom, as the rows arrive.
-
-    Polygons of a row that touch a block edge are merged with each other and with the polygons carried
-    from the rows above. A merged polygon that does not reach the row's bottom edge can grow no more and is
-    final; one that does is carried to the next row. Only polygons on one row edge are ever held, so memory
-    follows the raster's width, not its area.
-    """
-
-    def __init__(self, connectivity: int, n_rows: int):
-        self.connectivity, self.n_rows = connectivity, n_rows
-        self.carried: list[tuple[shapely.Geometry, int]] = []
-
-    def add_row(self, bottom: int, border: list[tuple[bytes, int]]) -> list[tuple[shapely.Geometry, int]]:
-        """Final polygons after adding a row ending at pixel row ``bottom`` (its border polygons' WKB, class)."""
-        items = self.carried + [(shapely.from_wkb(w), v) for w, v in border]
-        merged = merge_border_polygons(items, self.connectivity)
-        final, self.carried = [], []
-        for geom, value in merged:
-            reaches_next = bottom < self.n_rows and shapely.bounds(geom)[3] == bottom
-            (self.carried if reaches_next else final).append((geom, value))
+        ``border`` holds the row's border polygons as ``(wkb, class)``.
+        """
+        new_ids = list(range(self.next_id, self.next_id + len(border)))
+        self.next_id += len(border)
+        new = shapely.from_wkb([w for w, _ in border]) if border else np.empty(0, dtype=object)
+        for i, geom, (wkb, value) in zip(new_ids, new, border):
+            self.pieces[i] = (geom, wkb, value)
+            self.parent[i] = i
+        ids = np.array(self.on_edge + new_ids, dtype=np.int64)
+        if len(ids) > 1:
+            geoms = np.array([self.pieces[i][0] for i in ids], dtype=object)
+            values = np.array([self.pieces[i][2] for i in ids])
+            left, right = shapely.STRtree(geoms).query(geoms)  # bounding boxes: cheap; exact tests on few pairs
+            keep = (left < right) & (values[left] == values[right])
+            left, right = left[keep], right[keep]
+            if len(left):
+                shapely.prepare(geoms)
+                touch = shapely.relate_pattern(geoms[left], geoms[right], self.pattern)
+                for a, b in zip(ids[left[touch]], ids[right[touch]]):
+                    ra, rb = self._find(int(a)), self._find(int(b))
+                    if ra != rb:
+                        self.parent[max(ra, rb)] = min(ra, rb)
+        if bottom < self.n_rows and len(new):
+            self.on_edge = [i for i, y in zip(new_ids, shapely.bounds(new)[:, 3]) if y == bottom]
+        else:
+            self.on_edge = []
+        still_open = {self._find(i) for i in self.on_edge}
+        groups: dict[int, list[int]] = {}
+        for i in self.pieces:
+            root = self._find(i)
+            if root not in still_open:
+                groups.setdefault(root, []).append(i)
+        final = []
+        for members in groups.values():
+            final.append(([self.pieces[i][1] for i in members], int(self.pieces[members[0]][2])))
+            for i in members:
+                del self.pieces[i], self.parent[i]
         return final
 
 
 # ----------------------------------------------------------------------------------------------- attributes
 
 
-def _frame(geoms: list, values: list[int], crs, transform: Affine, classes: ClassMap):  # noqa: ANN001, ANN202
-    import geopandas as gpd
-
+def to_world(pixel: np.ndarray, transform: Affine) -> np.ndarray:
+    """Polygons in pixel coordinates mapped through the raster's affine ``transform``."""
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    pixel = np.asarray(geoms, dtype=object)
     world = shapely.transform(pixel, lambda xy: np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c,
                                                                   d * xy[:, 0] + e * xy[:, 1] + f]))
     if e > 0 or a < 0:  # a flipped grid reverses ring orientation; keep polygons valid and oriented
         world = shapely.orient_polygons(world)
-    gdf = gpd.GeoDataFrame({"class_id": np.asarray(values, dtype=np.int32),
-                            "class_name": [classes.name_of(v) for v in values]}, geometry=world, crs=crs)
-    return gdf
+    return world
+
+
+def measures(geoms: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Area (m²) and perimeter (m): in the CRS's metres when projected, else in an equal-area CRS."""
+    from pyproj import CRS, Transformer
+
+    crs = CRS.from_user_input(crs)
+    if crs.is_projected:
+        factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+        return shapely.area(geoms) * factor**2, shapely.length(geoms) * factor
+    # World cylindrical equal-area (EPSG:6933): areas are right; perimeters are close near the data.
+    to_eq = Transformer.from_crs(crs, "EPSG:6933", always_xy=True)
+    eq = shapely.transform(geoms, lambda xy: np.column_stack(to_eq.transform(xy[:, 0], xy[:, 1])))
+    return shapely.area(eq), shapely.length(eq)
+
+
+def features(pixel: np.ndarray, values, georef: Georef) -> dict:  # noqa: ANN001
+    """Polygons in pixel coordinates, finished for writing: CRS coordinates (WKB), class id, area, perimeter.
+
+    Done where the polygons are made (on the workers), so the writer only writes.
+    """
+    world = to_world(np.asarray(pixel, dtype=object), georef.transform)
+    area, perimeter = measures(world, georef.crs)
+    return {"wkb": shapely.to_wkb(world), "class_id": np.asarray(values, dtype=np.int32), "area_m2": area,
+            "perimeter_m": perimeter}
 
 
 def add_measures(gdf):  # noqa: ANN001, ANN201
-    """``area_m2`` and ``perimeter_m``: in the CRS's metres when projected, else in an equal-area CRS."""
-    crs = gdf.crs
-    if crs is not None and crs.is_projected:
-        factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-        gdf["area_m2"] = gdf.geometry.area * factor**2
-        gdf["perimeter_m"] = gdf.geometry.length * factor
-    else:
-        # World cylindrical equal-area (EPSG:6933): areas are right; perimeters are close near the data.
-        eq = gdf.geometry.to_crs("EPSG:6933")
-        gdf["area_m2"] = eq.area
-        gdf["perimeter_m"] = eq.length
+    """``area_m2`` and ``perimeter_m`` columns (:func:`measures`) of a GeoDataFrame."""
+    gdf["area_m2"], gdf["perimeter_m"] = measures(np.asarray(gdf.geometry.values), gdf.crs)
     return gdf
 
 
@@ -307,39 +379,68 @@ def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
             for r0 in range(0, height, block)]
 
 
-def pixel_polygons(raster: str, opts: VectorizeOptions, height: int, width: int, *, client=None,  # noqa: ANN001
-                   lookahead: int = 2) -> Iterator[tuple[list, list]]:
-    """Polygons of the raster in pixel coordinates, block row by block row: yields ``(inner, merged)``.
+def polygon_features(raster: str, opts: VectorizeOptions, georef: Georef, height: int, width: int, *,
+                     client=None, lookahead: int = 2) -> Iterator[dict]:  # noqa: ANN001
+    """The raster's polygons as finished :func:`features` batches, block row by block row.
 
-    ``inner`` holds ``(wkb, class)`` of polygons inside one block, ``merged`` the ``(geometry, class)`` of
-    polygons completed by merging across block edges. Together they are the polygons of one ``shapes`` call
-    over the whole raster. ``lookahead`` rows are computed ahead (on the Dask ``client`` when given) while
-    the caller consumes a row.
+    Together they are the polygons of one ``shapes`` call over the whole raster. ``lookahead`` rows are
+    polygonized ahead, and the polygons merged across block edges are unioned (:func:`union_groups`), on
+    the Dask ``client``'s workers when given, else on local threads, while the caller consumes a batch.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import dask
 
     from geoseg.cluster import map_in_order
 
     halo = min(2 * opts.min_area_px + 2, opts.block) if opts.min_area_px > 1 else 0
     rows = block_rows(height, width, opts.block)
-    tasks = [[dask.delayed(polygonize_block, pure=False)(raster, w, halo, opts, height, width) for w in row]
+    tasks = [[dask.delayed(polygonize_block, pure=False)(raster, w, halo, opts, height, width, georef) for w in row]
              for row in rows]
     merger = RowMerger(opts.connectivity, height)
-    for row, results in zip(rows, map_in_order(tasks, client, lookahead)):
-        inner = [item for block_inner, _ in results for item in block_inner]
-        border = [item for _, block_border in results for item in block_border]
-        bottom = int(row[0].row_off + row[0].height)
-        yield inner, merger.add_row(bottom, border)
+    unions: deque = deque()  # futures of union_groups, oldest first
+    local = ThreadPoolExecutor(max_workers=2) if client is None else None
+    parts = 2 if client is None else max(1, sum(client.nthreads().values()))
+
+    def submit_union(groups: list) -> None:
+        # Split so that the last row's unions, the largest, run on every worker at once.
+        for part in _balanced(groups, parts):
+            if local is not None:
+                unions.append(local.submit(union_groups, part, georef))
+                continue
+            if sum(len(w) for pieces, _ in part for w in pieces) > _SCATTER_BYTES:
+                # Scattered when large (a scene-wide polygon): Dask warns about big task arguments.
+                [part] = client.scatter([part], hash=False)
+            unions.append(client.submit(union_groups, part, georef, pure=False, priority=1))
+
+    def finished_unions(wait: bool) -> Iterator[dict]:
+        while unions and (wait or unions[0].done()):
+            fut = unions.popleft()
+            yield fut.result()
+            if local is None:
+                fut.release()
+
+    try:
+        for row, results in zip(rows, map_in_order(tasks, client, lookahead)):
+            groups = merger.add_row(int(row[0].row_off + row[0].height), [b for _, border in results for b in border])
+            if groups:
+                submit_union(groups)
+            yield from (feats for feats, _ in results)
+            yield from finished_unions(wait=False)
+        yield from finished_unions(wait=True)
+    finally:
+        if local is not None:
+            local.shutdown(wait=True, cancel_futures=True)
 
 
 def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = VectorizeOptions(), *,
                       client=None, overwrite: bool = False) -> dict:  # noqa: ANN001
     """Polygonize a class-id GeoTIFF into ``output`` (.gpkg, or .fgb by extension).
 
-    Blocks run on the Dask ``client`` when given, else on local threads; rows are written as they are
-    merged. Returns counts and paths.
+    Blocks run on the Dask ``client`` when given, else on local threads; polygons are written in batches
+    as they are finished. Returns counts and paths.
     """
-    import pyogrio
+    from pyogrio.raw import write as write_raw  # what write_dataframe calls, minus the GeoDataFrame
 
     from geoseg.read import open_raster
 
@@ -359,44 +460,37 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
         raise InputError(f"{output}: unsupported vector format; use .gpkg or .fgb")
     # FlatGeobuf cannot append, and simplification needs the whole coverage: those are written at the end.
     streaming = driver == "GPKG" and opts.simplify <= 0
-    parts: list = []
-    counts = {"features": 0, "merged": 0}
+    georef = Georef(transform, crs.to_string())
+    pending: list[dict] = []
+    count = 0
     with atomic_path(output, overwrite=overwrite) as tmp:
         written = False
 
-        def write(gdf) -> None:  # noqa: ANN001
+        def write(batches: list[dict]) -> None:
             nonlocal written
-            pyogrio.write_dataframe(gdf, tmp, layer=opts.layer, driver=driver, append=written, promote_to_multi=True)
+            feats = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else \
+                features(np.empty(0, dtype=object), [], georef)  # an all-nodata raster: a valid, empty layer
+            if opts.simplify > 0 and len(feats["wkb"]):
+                geoms = shapely.coverage_simplify(shapely.from_wkb(feats["wkb"]), opts.simplify)
+                feats["area_m2"], feats["perimeter_m"] = measures(geoms, georef.crs)
+                feats["wkb"] = shapely.to_wkb(geoms)
+            names = np.array([classes.name_of(int(v)) for v in feats["class_id"]], dtype=object)
+            # The raw writer takes the workers' WKB as it is; a GeoDataFrame would parse it and encode it again.
+            write_raw(tmp, feats["wkb"], [feats["class_id"], names, feats["area_m2"], feats["perimeter_m"]],
+                              ["class_id", "class_name", "area_m2", "perimeter_m"], layer=opts.layer,
+                              driver=driver, geometry_type="MultiPolygon", promote_to_multi=True, crs=crs.to_wkt(),
+                              encoding="UTF-8", append=written)
             written = True
 
-        for inner, merged in pixel_polygons(str(raster), opts, height, width, client=client):
-            counts["merged"] += len(merged)
-            if not inner and not merged:
-                continue
-            geoms = np.concatenate([shapely.from_wkb([g for g, _ in inner]) if inner else np.empty(0, object),
-                                    np.array([g for g, _ in merged], dtype=object)])
-            values = [v for _, v in inner] + [v for _, v in merged]
-            gdf = add_measures(_frame(geoms, values, crs, transform, classes))
-            counts["features"] += len(gdf)
-            if streaming:
-                write(gdf)
-            else:
-                parts.append(gdf)
-        if parts:
-            import pandas as pd
-
-            gdf = pd.concat(parts, ignore_index=True)
-            if opts.simplify > 0:
-                gdf["geometry"] = shapely.coverage_simplify(gdf.geometry.values, opts.simplify)
-                gdf = add_measures(gdf)
-            write(gdf)
-        if not written:  # an all-nodata raster still gets a valid, empty layer
-            import geopandas as gpd
-
-            empty = gpd.GeoDataFrame({"class_id": [], "class_name": [], "area_m2": [], "perimeter_m": []},
-                                     geometry=[], crs=crs)
-            pyogrio.write_dataframe(empty, tmp, layer=opts.layer, driver=driver, geometry_type="MultiPolygon")
+        for feats in polygon_features(str(raster), opts, georef, height, width, client=client):
+            count += len(feats["wkb"])
+            if len(feats["wkb"]):
+                pending.append(feats)
+            if streaming and sum(len(b["wkb"]) for b in pending) >= 20_000:
+                write(pending)
+                pending = []
+        if pending or not written:
+            write(pending)
         if driver == "GPKG":
             write_layer_style(tmp, opts.layer, qgis_vector_style(classes))
-    return {"path": str(output), "features": counts["features"], "blocks": sum(map(len, block_rows(
-        height, width, opts.block))), "merged": counts["merged"]}
+    return {"path": str(output), "features": count, "blocks": sum(map(len, block_rows(height, width, opts.block)))}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from rasterio.features import rasterize, shapes
 from rasterio.transform import from_origin
 
-from geoseg.vectorize import VectorizeOptions, pixel_polygons, sieve_block, vectorize_classes
+from geoseg.vectorize import Georef, VectorizeOptions, polygon_features, sieve_block, vectorize_classes
 from tests.conftest import write_raster
 
 CLASSES = [{"id": i, "name": f"c{i}", "color": "#{:02x}{:02x}40".format(50 * i, 255 - 40 * i)} for i in (1, 2, 3, 4)]
@@ -37,20 +37,23 @@ def random_labels(seed: int, shape=(97, 83), cell=5, nodata_frac=0.1) -> np.ndar
     return data
 
 
-def chunked_pixel_polygons(data: np.ndarray, block: int, connectivity: int, tmp_path) -> list:  # noqa: ANN001
-    """Polygons as the chunked driver makes them: blocks polygonized, merged row by row."""
-    path = write_raster(tmp_path / "h.tif", data.astype("uint8"), nodata=255, transform=from_origin(1e3, 1e3, 1, 1))
+GRID = from_origin(1e3, 1e3, 1, 1)
+
+
+def chunked_polygons(data: np.ndarray, block: int, connectivity: int, tmp_path) -> list:  # noqa: ANN001
+    """Polygons as the chunked driver makes them: blocks polygonized, merged row by row, unioned on threads."""
+    path = write_raster(tmp_path / "h.tif", data.astype("uint8"), nodata=255, transform=GRID)
     opts = VectorizeOptions(connectivity=connectivity, block=block)
     out = []
-    for inner, merged in pixel_polygons(str(path), opts, *data.shape, lookahead=3):
-        out += [(shapely.from_wkb(g), v) for g, v in inner] + merged
+    for feats in polygon_features(str(path), opts, Georef(GRID, "EPSG:32632"), *data.shape, lookahead=3):
+        out += list(zip(shapely.from_wkb(feats["wkb"]), feats["class_id"].tolist()))
     return out
 
 
-def whole_pixel_polygons(data: np.ndarray, connectivity: int) -> list:
+def whole_polygons(data: np.ndarray, connectivity: int, transform=GRID) -> list:  # noqa: ANN001
     """One shapes() call over the whole raster (8-connected rings that touch themselves made valid)."""
     return [(shapely.make_valid(shapely.geometry.shape(g)), int(v)) for g, v in
-            shapes(data.astype("uint8"), mask=data != 255, connectivity=connectivity)]
+            shapes(data.astype("uint8"), mask=data != 255, connectivity=connectivity, transform=transform)]
 
 
 def assert_same_polygons(a: list, b: list) -> None:
@@ -58,7 +61,8 @@ def assert_same_polygons(a: list, b: list) -> None:
     key = lambda item: (item[1], round(item[0].area, 6), item[0].bounds)  # noqa: E731
     for (ga, va), (gb, vb) in zip(sorted(a, key=key), sorted(b, key=key)):
         assert va == vb and ga.area == gb.area
-        assert shapely.normalize(ga).equals(shapely.normalize(gb)), (ga.wkt, gb.wkt)
+        # The same vertices (no collinear leftovers of block edges), up to ring order and start point.
+        assert shapely.equals_exact(shapely.normalize(ga), shapely.normalize(gb), 0), (ga.wkt, gb.wkt)
 
 
 @settings(max_examples=40, deadline=None)
@@ -67,7 +71,7 @@ def assert_same_polygons(a: list, b: list) -> None:
 def test_chunked_equals_whole_raster(tmp_path_factory, seed, block, cell, connectivity, rows, cols):  # noqa: ANN001
     data = random_labels(seed, (rows, cols), cell)
     tmp = tmp_path_factory.mktemp("h")
-    assert_same_polygons(chunked_pixel_polygons(data, block, connectivity, tmp), whole_pixel_polygons(data, connectivity))
+    assert_same_polygons(chunked_polygons(data, block, connectivity, tmp), whole_polygons(data, connectivity))
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
@@ -79,7 +83,7 @@ def test_holes_multipart_diagonals_and_polygons_over_many_chunks(tmp_path, conne
     data[10, 19], data[11, 20] = 4, 4  # diagonal touch across a chunk edge
     data[45, 39], data[44, 40] = 4, 4
     data[50:52, 50:52] = 255
-    assert_same_polygons(chunked_pixel_polygons(data, 20, connectivity, tmp_path), whole_pixel_polygons(data, connectivity))
+    assert_same_polygons(chunked_polygons(data, 20, connectivity, tmp_path), whole_polygons(data, connectivity))
 
 
 def test_polygons_rasterize_back_to_the_labels(tmp_path):  # noqa: ANN001
@@ -141,8 +145,8 @@ def test_minimum_mapping_unit_is_seamless_and_removes_small_patches(tmp_path):  
         back = rasterize(zip(gdf.geometry, gdf.class_id), out_shape=data.shape,
                          transform=from_origin(600000.0, 5300000.0, 10.0, 10.0), fill=255, dtype="uint8")
         assert np.array_equal(back, np.where(valid, whole, 255))
-    small = [g for g, v in whole_pixel_polygons(np.where(valid, whole, 255), 4) if g.area < 6]
-    assert len(small) < 0.05 * len(whole_pixel_polygons(data, 4))  # only patches without a large neighbour stay
+    small = [g for g, v in whole_polygons(np.where(valid, whole, 255), 4) if g.area < 6]
+    assert len(small) < 0.05 * len(whole_polygons(data, 4))  # only patches without a large neighbour stay
 
 
 def test_geographic_crs_areas_in_square_metres(tmp_path):  # noqa: ANN001
@@ -165,3 +169,21 @@ def test_other_formats_and_errors(tmp_path):  # noqa: ANN001
         vectorize_classes(src, tmp_path / "v.fgb")
     empty = labels_raster(tmp_path, np.full((20, 20), 255), name="e.tif")
     assert len(gpd.read_file(vectorize_classes(empty, tmp_path / "e.gpkg")["path"], layer="landcover")) == 0
+
+
+def test_dask_workers_give_the_same_layer_as_local_threads(tmp_path, client, monkeypatch):  # noqa: ANN001
+    import geoseg.vectorize
+
+    monkeypatch.setattr(geoseg.vectorize, "_SCATTER_BYTES", 0)  # the large-group path: groups scattered first
+    src = labels_raster(tmp_path, random_labels(3, (90, 70)))
+    local = gpd.read_file(vectorize_classes(src, tmp_path / "local.gpkg", VectorizeOptions(block=16))["path"])
+    dist = gpd.read_file(vectorize_classes(src, tmp_path / "dask.gpkg", VectorizeOptions(block=16),
+                                           client=client)["path"])
+    for gdf in (local, dist):
+        gdf[["minx", "miny", "maxx", "maxy"]] = gdf.geometry.bounds
+    key = ["class_id", "area_m2", "perimeter_m", "minx", "miny", "maxx", "maxy"]
+    local, dist = local.sort_values(key).reset_index(drop=True), dist.sort_values(key).reset_index(drop=True)
+    assert len(local) == len(dist) > 20
+    assert (local[key + ["class_name"]] == dist[key + ["class_name"]]).all().all()
+    assert all(shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0)
+               for a, b in zip(local.geometry, dist.geometry))
