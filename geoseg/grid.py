@@ -68,11 +68,6 @@ class TileGrid:
         rows, cols = (np.array([self.tiles_per_side(n) for n in c]) for c in self.dask_chunks())
         return np.outer(rows, cols)
 
-    def tiles_per_chunk(self) -> np.ndarray:
-        """Number of tiles in each chunk, shape :attr:`chunks_shape` (the work of its inference task)."""
-        rows, cols = (np.array([self.tiles_per_side(n) for n in c]) for c in self.dask_chunks())
-        return np.outer(rows, cols)
-
     def neighbours(self, i: int, j: int) -> list[tuple[int, int]]:
         """The chunks around chunk ``(i, j)`` (up to 8): their halos reach into its core."""
         ny, nx = self.chunks_shape
