@@ -11,10 +11,12 @@ number of workers, and memory does not depend on the raster size.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
@@ -175,6 +177,9 @@ def _read_reference_vector(ref: Reference, pred_grid: dict, window: Window) -> t
     if frame.crs is not None and frame.crs != pred_grid["crs"]:
         frame = frame.to_crs(pred_grid["crs"])
     values = frame[ref.attribute].to_numpy()
+    # rasterio warns NotGeoreferenced, spuriously, when threads make in-memory datasets at once
+    # (odc-geo#131); as in vectorize, a process-wide filter since catch_warnings is not thread-safe.
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
     data = rasterize(
         ((geom, int(v)) for geom, v in zip(frame.geometry, values) if geom is not None and v is not None),
         out_shape=shape, transform=window_transform(window, pred_grid["transform"]), fill=_NO_REF, dtype="int32",
