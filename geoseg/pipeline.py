@@ -91,7 +91,7 @@ def _timed(timings: dict[str, float], name: str):
         timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def _progress(total: int, description: str, enabled: bool):
+def progress_bar(total: int, description: str, enabled: bool):
     """A rich progress bar on a terminal, nothing otherwise."""
     if not enabled:
         return None
@@ -293,7 +293,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                                              overwrite=cfg.overwrite))
             stack.callback(writers[1].abort)
 
-        bar = _progress(len(tasks), "segmenting", progress)
+        bar = progress_bar(len(tasks), "segmenting", progress)
         valid_counts = np.zeros((ny, nx), dtype=np.int64)
         tiles_inferred = 0
 

@@ -57,14 +57,17 @@ def output_fingerprint(cfg: PipelineConfig) -> str:
     Where and how the work runs (cluster, batch concurrency, output folder) is left out, so moving a nightly
     batch to another cluster does not redo finished scenes.
     """
-    config = {k: v for k, v in dump_config(cfg).items() if k not in _NOT_OUTPUT}
-    return _digest({"geoseg": __version__, "input": input_identity(cfg.input), "model": model_digest(cfg.model),
-                    "config": config})
+    return _fingerprint(cfg, lambda section: section not in _NOT_OUTPUT)
 
 
 def work_fingerprint(cfg: PipelineConfig) -> str:
     """Fingerprint of what decides the scratch stores: a work folder is resumed only when this matches."""
-    config = {k: v for k, v in dump_config(cfg).items() if k in _WORK}
+    return _fingerprint(cfg, lambda section: section in _WORK)
+
+
+def _fingerprint(cfg: PipelineConfig, keep: Callable[[str], bool]) -> str:
+    """Digest of the geoseg version, the input's identity, the model's digest and the ``keep`` config sections."""
+    config = {k: v for k, v in dump_config(cfg).items() if keep(k)}
     return _digest({"geoseg": __version__, "input": input_identity(cfg.input), "model": model_digest(cfg.model),
                     "config": config})
 

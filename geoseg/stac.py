@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from shapely.geometry import shape
+
 from geoseg import __version__
 from geoseg.classes import ClassMap
 from geoseg.read import RasterSpec
@@ -50,13 +52,6 @@ def footprint(spec: RasterSpec, points_per_side: int = 16) -> dict:
     ring = [[float(x), float(y)] for x, y in zip(xs, ys)]
     return transform_geom(spec.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
                           precision=7)
-
-
-def _bbox(geom: dict) -> list[float]:
-    coords = [pt for ring in geom["coordinates"] for pt in ring] if geom["type"] == "Polygon" else [
-        pt for poly in geom["coordinates"] for ring in poly for pt in ring]
-    lons, lats = [c[0] for c in coords], [c[1] for c in coords]
-    return [min(lons), min(lats), max(lons), max(lats)]
 
 
 def _slug(name: str) -> str:
@@ -123,5 +118,5 @@ def stac_item(item_id: str, spec: RasterSpec, outputs: dict[str, str], classes: 
     links = [{"rel": "derived_from", "href": (source or {}).get("href") or spec.path.absolute().as_uri(),
               "type": "application/geo+json" if source else _MEDIA[".tif"]}]
     return {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": EXTENSIONS, "id": item_id,
-            "geometry": geom, "bbox": _bbox(geom), "properties": {k: v for k, v in props.items() if v is not None},
+            "geometry": geom, "bbox": list(shape(geom).bounds), "properties": {k: v for k, v in props.items() if v is not None},
             "links": links, "assets": assets}

@@ -159,6 +159,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
 
     from geoseg.losses import class_weights_from_counts, create_loss
     from geoseg.models import ModelSpec, create_model, save_checkpoint
+    from geoseg.pipeline import progress_bar
 
     paths = TrainPaths.for_output(cfg.output)
     if resume:
@@ -200,6 +201,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     sampler = WindowSampler(train, n_classes, rng, class_balanced=cfg.sampling.class_balanced,
                             min_labelled=cfg.sampling.min_labelled)
     val_norm = [(norm(r.image), r.target) for r in val]
+    data = [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]} for sc in cfg.train]
 
     history: list[dict] = []
     best_miou, best_epoch, start, elapsed0 = -1.0, 0, 1, 0.0
@@ -227,7 +229,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         log.info("resuming at epoch %d of %d (best so far: epoch %d, mIoU %.4f)", start, cfg.epochs, best_epoch,
                  best_miou)
 
-    bar = _bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, progress)
+    bar = progress_bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, "training", progress)
     started = time.perf_counter() - elapsed0
     stopped_early = False
     for epoch in range(start, cfg.epochs + 1):
@@ -269,8 +271,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
                                                                   if k != "confusion_matrix"},
                 "val_confusion_matrix": metrics["confusion_matrix"], "seed": cfg.seed, "device": device,
                 "precision": precision,
-                "data": [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]}
-                         for sc in cfg.train],
+                "data": data,
                 "config": dump_config(cfg),
             }
             save_checkpoint(cfg.output, model, ModelSpec(**{**spec.__dict__, "provenance": provenance}))
@@ -354,14 +355,3 @@ def plot_curves(history: list[dict], path: Path) -> None:
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-
-
-def _bar(total: int, enabled: bool):  # noqa: ANN202
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-    bar.start()
-    bar.add_task("train", total=total)
-    return bar

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from rasterio.windows import Window
+from rasterio.windows import Window, intersect
 
 from geoseg.config import AugmentConfig, SceneConfig, TrainConfig, WindowConfig
 from geoseg.errors import InputError
@@ -43,9 +43,8 @@ class Region:
         return self._trainable
 
     def overlaps_exclude(self, r: int, c: int, size: int) -> bool:
-        ex = self.exclude
-        return ex is not None and not (r + size <= ex.row_off or r >= ex.row_off + ex.height
-                                       or c + size <= ex.col_off or c >= ex.col_off + ex.width)
+        """Whether the window of ``size`` pixels at ``(r, c)`` shares a pixel with the validation window."""
+        return self.exclude is not None and intersect(Window(c, r, size, size), self.exclude)
 
 
 def label_lut(cfg: TrainConfig, max_code: int) -> np.ndarray:
