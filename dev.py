@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Two commands, nothing installed beforehand but Python 3.10+:
+"""Two commands, nothing installed beforehand but Python 3.10+.
 
     python3 dev.py demo    # segment the sample scene with the demo model (made on first use)
-    python3 dev.py test    # run the test suite
+    python3 dev.py test    # lint (ruff), type-check (mypy), then run the test suite
+    python3 dev.py bare    # CI: install geoseg without extras in a fresh venv and run the shipped pipeline
 
 Each makes ``.venv`` on first use (and again when pyproject.toml changes), then runs the job. Standard
 library only: this file runs before anything is installed.
@@ -29,10 +30,12 @@ ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESH
 
 
 def say(msg: str) -> None:
+    """A progress line of this script."""
     print(f"[dev] {msg}", file=sys.stderr, flush=True)
 
 
 def run(*cmd: str | Path) -> None:
+    """Run a command in the project folder; stop with its exit code when it fails."""
     result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=ENV)
     if result.returncode:
         sys.exit(result.returncode)
@@ -54,8 +57,8 @@ def ensure_env() -> None:
     say(f"environment ready in {time.time() - t0:.0f}s")
 
 
-def demo(extra: list[str]) -> None:
-    geoseg = BIN / "geoseg"
+def prepare_demo(geoseg: Path) -> None:
+    """The sample scenes and the demo model, made when missing."""
     if not (ROOT / "data/sample/scene.tif").exists():
         run(geoseg, "sample", "data/sample", "--size", "1024", "--seed", "0")
     if not (ROOT / "data/sample-val/scene.tif").exists():
@@ -65,15 +68,50 @@ def demo(extra: list[str]) -> None:
     if not (ROOT / "models/demo.safetensors").exists():
         say("training the demo model (about 2 minutes on 2 cores)")
         run(geoseg, "train", "configs/train-demo.yaml")
+
+
+def demo(extra: list[str]) -> None:
+    """Segment the held-out sample scene with the shipped pipeline."""
+    geoseg = BIN / "geoseg"
+    prepare_demo(geoseg)
     run(geoseg, "run", "pipelines/landcover.yaml", "--overwrite", *extra)
 
 
 def test(extra: list[str]) -> None:
+    """Lint and type checks, then the test suite."""
+    if not extra:
+        say("ruff check")
+        run(BIN / "ruff", "check", "geoseg", "tests", "benchmarks", "dev.py")
+        say("mypy geoseg")
+        run(BIN / "mypy")
     run(PY, "-m", "pytest", *(extra or ["-q"]))
 
 
+def bare(extra: list[str]) -> None:
+    """`pip install .` without extras into a fresh venv, then the shipped pipeline with it.
+
+    Proves the declared dependencies are enough for `geoseg run` (the demo model is made with .venv).
+    """
+    import shutil
+    import tempfile
+
+    prepare_demo(BIN / "geoseg")
+    venv = Path(tempfile.mkdtemp(prefix="geoseg-bare-")) / "venv"
+    try:
+        say(f"installing geoseg without extras into {venv}")
+        run(sys.executable, "-m", "venv", venv)
+        vbin = venv / ("Scripts" if os.name == "nt" else "bin")
+        run(vbin / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT))
+        out = venv.parent / "out"
+        run(vbin / "geoseg", "run", "pipelines/landcover.yaml", "--set", f"output_dir={out}", *extra)
+        say(f"bare install ran the shipped pipeline: {sorted(p.name for p in out.iterdir())}")
+    finally:
+        shutil.rmtree(venv.parent, ignore_errors=True)
+
+
 def main() -> None:
-    jobs = {"demo": demo, "test": test}
+    """Run the job named on the command line."""
+    jobs = {"demo": demo, "test": test, "bare": bare}
     if len(sys.argv) < 2 or sys.argv[1] not in jobs:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

@@ -53,11 +53,12 @@ def make_pair(size: int) -> tuple[Path, Path]:
 
 
 def run_geoseg(pred: str, ref: str, block: int) -> dict:
-    from geoseg.evaluate import Reference, evaluate_iou
+    from geoseg.config import EvaluateConfig
+    from geoseg.evaluate import evaluate_iou
 
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        report = evaluate_iou(Path(pred), Reference(Path(ref)), block=block)
+        report = evaluate_iou(Path(pred), EvaluateConfig(reference=Path(ref), block=block)).to_dict()
         wall = time.perf_counter() - t0
     return {"seconds": wall, "peak_rss_gib": rss.peak / 2**30, "cm": report["confusion_matrix"]}
 

@@ -31,29 +31,32 @@ from _common import RESULTS, PeakRSS, control_malloc, machine, sample_scene  # n
 def make_model(path: Path, arch: str) -> Path:
     import torch
 
-    from geoseg.models import ModelSpec, create_model, save_checkpoint
+    from geoseg.models import ModelSpec, create_model, output_stride, save_checkpoint
     from geoseg.sample import BANDS, CLASSES
 
     kwargs = {"depth": 6, "width": 32} if arch == "fcn" else {}
     torch.manual_seed(0)
     model = create_model(arch, "resnet18" if arch != "fcn" else "none", 4, 6, **kwargs).eval()
-    spec = ModelSpec(arch, "resnet18" if arch != "fcn" else "none", [{"index": i + 1, "name": b} for i, b in
-                     enumerate(BANDS)], [900.0] * 4, [700.0] * 4, CLASSES, 512, kwargs)
+    spec = ModelSpec(architecture=arch, encoder="resnet18" if arch != "fcn" else "none",
+                     bands=[{"index": i + 1, "name": b} for i, b in enumerate(BANDS)], mean=[900.0] * 4,
+                     std=[700.0] * 4, classes=CLASSES, tile_size=512, arch_kwargs=kwargs,
+                     output_stride=output_stride(model))
     return save_checkpoint(path, model, spec)
 
 
 def raw_forward(checkpoint: Path, tile: int, batch: int, precision: str, channels_last: bool, seconds: float) -> float:
     """(a): MPix/s of the bare model on random tiles, same threads and numerics as the pipeline."""
-    import numpy as np
-
-    from geoseg.infer import ModelKey, Predictor
-
     import os
 
+    import numpy as np
     import torch
 
-    key = ModelKey(str(checkpoint), "cpu", precision, channels_last, False, batch, os.cpu_count())
-    pred = Predictor(key)  # the model with the same device, precision and memory format as the pipeline
+    from geoseg.fingerprint import model_digest
+    from geoseg.segment.predict import ModelKey, Predictor
+
+    key = ModelKey(str(checkpoint), model_digest(checkpoint), "cpu", precision, channels_last)
+    pred = Predictor(key)
+    torch.set_num_threads(os.cpu_count() or 1)  # the model as the pipeline has it; all cores, as (c) uses
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 4, tile, tile)).astype(np.float32))
     x = x.contiguous(memory_format=pred.memory_format)
 
@@ -79,9 +82,10 @@ def hand_loop(scene: Path, checkpoint: Path, out: Path, tile: int, overlap: int,
     import rasterio
     from rasterio.windows import Window
 
-    from geoseg.infer import ModelKey, Predictor
+    from geoseg.fingerprint import model_digest
+    from geoseg.segment.predict import ModelKey, Predictor
 
-    pred = Predictor(ModelKey(str(checkpoint), "cpu", precision, channels_last, False, batch, os.cpu_count()))
+    pred = Predictor(ModelKey(str(checkpoint), model_digest(checkpoint), "cpu", precision, channels_last))
     halo, stride = overlap // 2, tile - overlap
     t0 = time.perf_counter()
     with rasterio.open(scene) as src:
@@ -96,7 +100,7 @@ def hand_loop(scene: Path, checkpoint: Path, out: Path, tile: int, overlap: int,
                     data = src.read(window=win, boundless=True, fill_value=0)
                     valid = (src.read_masks(1, window=win, boundless=True) > 0)
                     tiles.append(pred.normalize(data, valid))
-                probs = pred.predict(np.stack(tiles))
+                probs = pred.predict(np.stack(tiles), batch, threads=os.cpu_count())
                 for (r, c), p in zip(group, probs):
                     h, w = min(stride, src.height - r), min(stride, src.width - c)
                     labels = (p.argmax(0) + 1).astype(np.uint8)[halo : halo + h, halo : halo + w]

@@ -23,7 +23,6 @@ SETTINGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
 def main() -> None:
-    import numpy as np
     import rasterio
 
     from geoseg.cluster import open_client

@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, control_malloc, machine  # noqa: E402
 
 
-def score(cm: np.ndarray, classes: list[dict]) -> dict:
-    from geoseg.evaluate import metrics_from_confusion
+def score(cm: np.ndarray, classes) -> dict:  # noqa: ANN001
+    from geoseg.evaluate import Metrics
 
-    return metrics_from_confusion(cm, classes)
+    return Metrics(cm, classes).to_dict()
 
 
-def model_metrics(checkpoint_or_state: Path, spec, val, n: int) -> dict:  # noqa: ANN001
+def model_metrics(checkpoint_or_state: Path, spec, val, tiling) -> dict:  # noqa: ANN001
     """Validation metrics of a checkpoint (or of the last-epoch weights in a training state)."""
     import torch
 
@@ -48,7 +48,7 @@ def model_metrics(checkpoint_or_state: Path, spec, val, n: int) -> dict:  # noqa
         state = load_checkpoint(checkpoint_or_state)[1]
     model = build_model(spec, state)
     m, s = np.float32(spec.mean)[:, None, None], np.float32(spec.std)[:, None, None]
-    return score(validate(model, [((r.image - m) / s, r.target) for r in val], n, "cpu", "fp32"), spec.classes)
+    return validate(model, [((r.image - m) / s, r.target) for r in val], spec, tiling, "cpu", "fp32").to_dict()
 
 
 def pixels(regions, trainable: bool, limit: int | None, rng: np.random.Generator):  # noqa: ANN001, ANN202
@@ -99,9 +99,12 @@ def main() -> None:
     spec = read_model_spec(result.checkpoint)
     n = len(spec.classes)
     train, val = load_regions(cfg)
+    from geoseg.config import SegmentConfig
+
+    tiling = SegmentConfig(model=result.checkpoint, tile=cfg.validation.tile, stitch=cfg.validation.stitch)
     rows = {
-        "geoseg (last epoch)": model_metrics(TrainPaths.for_output(result.checkpoint).state, spec, val, n),
-        f"geoseg (best epoch {result.best_epoch})": model_metrics(result.checkpoint, spec, val, n),
+        "geoseg (last epoch)": model_metrics(TrainPaths.for_output(result.checkpoint).state, spec, val, tiling),
+        f"geoseg (best epoch {result.best_epoch})": model_metrics(result.checkpoint, spec, val, tiling),
     }
 
     rng = np.random.default_rng(0)
@@ -116,7 +119,7 @@ def main() -> None:
     majority = int(np.argmax(class_counts(train, n)))
     rows["majority class"] = score(confusion_matrix(yv, np.full_like(yv, majority), n), spec.classes)
 
-    names = [c["name"] for c in spec.classes]
+    names = spec.classes.names
     print(f"\ntraining: geoseg {train_s:.0f}s, random forest {rf_s:.0f}s ({len(y)} pixels, {args.trees} trees); "
           f"validation: {len(yv)} labelled pixels\n")
     print("| method | " + " | ".join(names) + " | mIoU | OA |")

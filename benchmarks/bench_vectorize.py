@@ -61,13 +61,14 @@ def run_geoseg(raster: str, out: str, block: int) -> dict:
     from distributed import Client, LocalCluster
 
     import geoseg.read  # noqa: F401
-    from geoseg.vectorize import VectorizeOptions, vectorize_classes
+    from geoseg.config import VectorizeConfig
+    from geoseg.vectorize import vectorize_classes
 
     with PeakRSS() as rss, LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         client.run(_import_libraries)  # the workers' imports, likewise
         t0 = time.perf_counter()
-        info = vectorize_classes(Path(raster), Path(out), VectorizeOptions(block=block), client=client, overwrite=True)
+        info = vectorize_classes(Path(raster), Path(out), VectorizeConfig(block=block), client=client, overwrite=True)
         wall = time.perf_counter() - t0
     return {"seconds": wall, "peak_rss_gib": rss.peak / 2**30, "features": info["features"]}
 

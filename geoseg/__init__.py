@@ -1,20 +1,25 @@
-"""geoseg: tiled, Dask-distributed land-cover segmentation of large georeferenced rasters."""
+"""geoseg: tiled, Dask-distributed land-cover segmentation of large georeferenced rasters.
+
+The public API: :func:`load_config`, :func:`run_pipeline` (a whole run, as ``geoseg run``), and the stages
+it wires, e.g. :func:`read_raster` and :func:`segment_scene` (the tile/infer/stitch scene graph).
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Any
 
-__all__ = ["__version__", "load_config", "run_pipeline"]
+from geoseg._version import __version__
+
+__all__ = ["__version__", "load_config", "read_raster", "run_pipeline", "segment_scene"]
+
+_LAZY = {"load_config": "geoseg.config", "run_pipeline": "geoseg.pipeline", "read_raster": "geoseg.read",
+         "segment_scene": "geoseg.segment"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Lazy: `geoseg --help` and config loading must not pay for importing torch and dask.
-    if name == "load_config":
-        from geoseg.config import load_config
+    if name in _LAZY:
+        import importlib
 
-        return load_config
-    if name == "run_pipeline":
-        from geoseg.pipeline import run_pipeline
-
-        return run_pipeline
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 Each scene gets its own folder ``output_dir/<scene>/`` named from the file stem or the STAC item id. A scene
 whose ``run.json`` says it finished with the same fingerprint (input, model, settings; see
-:mod:`geoseg.resume`) and whose outputs are all there is skipped; a scene whose input, model or settings
+:mod:`geoseg.fingerprint`) and whose outputs are all there is skipped; a scene whose input, model or settings
 changed is redone, and a scene interrupted earlier continues from its finished chunks. A scene that fails
 is recorded and the others carry on. The manifest (``batch.csv``, then ``batch.json`` last) has one row per
 scene: status (done, skipped, failed, interrupted), seconds, outputs and the error.
@@ -22,13 +22,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geoseg._io import write_text_atomic
 from geoseg.config import PipelineConfig
 from geoseg.errors import GeosegError, InputError
+from geoseg.fingerprint import output_fingerprint
 from geoseg.pipeline import MANIFEST, previous_status, run_pipeline
-from geoseg.resume import output_fingerprint
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger("geoseg")
 
@@ -66,10 +69,12 @@ def expand_scenes(spec: str, stac_asset: str = "image") -> list[Scene]:
         scenes = _stac_scenes(path, stac_asset, taken)
     elif path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
         lines = [ln.strip() for ln in path.read_text().splitlines()]
-        paths = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        paths = [Path(ln) if Path(ln).is_absolute() else path.parent / ln
+                 for ln in lines if ln and not ln.startswith("#")]
         scenes = [Scene(scene_name(p.stem, taken), p.absolute()) for p in paths]
     else:
-        scenes = [Scene(scene_name(Path(p).stem, taken), Path(p).absolute()) for p in sorted(glob.glob(spec, recursive=True))]
+        scenes = [Scene(scene_name(Path(p).stem, taken), Path(p).absolute())
+                  for p in sorted(glob.glob(spec, recursive=True))]
     if not scenes:
         raise InputError(f"--scenes {spec!r}: matches no file")
     return scenes
@@ -112,6 +117,7 @@ class BatchReport:
     rows: list[dict] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
+        """Scenes per status."""
         out: dict[str, int] = {}
         for r in self.rows:
             out[r["status"]] = out.get(r["status"], 0) + 1
@@ -133,13 +139,16 @@ def is_complete(out_dir: Path, fingerprint: str) -> bool:
             and all(Path(p).exists() for p in manifest.get("outputs", {}).values()))
 
 
-def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, client=None) -> BatchReport:  # noqa: ANN001
+def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
+              client: Client | None = None) -> BatchReport:
     """Run every scene into ``cfg.output_dir/<scene>/``; failures are recorded, not raised.
 
     ``force`` redoes finished scenes too. ``client``: an existing Dask client instead of ``cfg.cluster``'s.
     """
     from geoseg.cluster import open_client
-    from geoseg.infer import resolve_device
+    from geoseg.device import resolve_device
+    from geoseg.segment import model_key
+    from geoseg.segment.predict import model_on_workers
 
     report = BatchReport(cfg.output_dir / BATCH_MANIFEST)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,11 +174,13 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, 
     skipped = len(scenes) - len(todo)
     log.info("batch: %d scenes, %d to run, %d complete already", len(scenes), len(todo), skipped)
 
-    device, _ = resolve_device(cfg.infer)
+    device, _ = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
     pool = ThreadPoolExecutor(max_workers=cfg.batch.concurrent_scenes, thread_name_prefix="geoseg-scene")
     try:
         if todo:
-            with nullcontext(client) if client is not None else open_client(cfg.cluster, use_gpu=device == "cuda") as c:
+            with (nullcontext(client) if client is not None else open_client(cfg.cluster, use_gpu=device == "cuda")
+                  as c, model_on_workers(c, model_key(cfg.segment))):
+                # The batch holds the model on the workers: scenes reuse it, whatever their settings.
                 running: dict[Future, dict] = {
                     pool.submit(_run_scene, scene_cfg, scene, c): row for scene_cfg, scene, row in todo}
                 for fut in as_completed(running):
@@ -185,7 +196,7 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, 
     return report
 
 
-def _run_scene(cfg: PipelineConfig, scene: Scene, client) -> dict[str, Any]:  # noqa: ANN001
+def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     try:

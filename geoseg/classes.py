@@ -1,8 +1,11 @@
-"""Land-cover class tables: ids, names and colours shared by the raster, the vector and the reports."""
+"""Land-cover class tables: ids, names and colours shared by the raster, the vector, the styles and the reports.
+
+A value module (numpy only): the config, the checkpoint header and every writer use the same ``ClassMap``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +39,11 @@ def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
             return (int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16))
         except ValueError:
             raise ValueError(f"colour {value!r} is not #rrggbb") from None
-    rgb = tuple(int(v) for v in value)
-    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"colour {value!r} is not #rrggbb or three integers 0-255")
+    if len(value) != 3 or not all(0 <= v <= 255 for v in value):
         raise ValueError(f"colour {list(value)!r} is not three integers 0-255")
-    return rgb  # type: ignore[return-value]
+    return (value[0], value[1], value[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +52,26 @@ class ClassMap:
 
     classes: tuple[ClassInfo, ...]
 
+    def __post_init__(self) -> None:
+        ids = [c.id for c in self.classes]
+        bad = [i for i in ids if not 0 <= i <= 254]
+        if bad:
+            raise ValueError(f"class id {bad[0]} is outside 0-254 (255 is kept for nodata)")
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"class id {dupes[0]} is used by two classes; ids must be unique")
+
     @classmethod
     def from_records(cls, records: Iterable[dict]) -> ClassMap:
-        """Build from ``{"id", "name", "color"}`` dicts (as stored in checkpoints)."""
-        return cls(tuple(ClassInfo(int(r["id"]), str(r["name"]), parse_color(r["color"])) for r in records))
+        """Build from ``{"id", "name", "color"}`` dicts (as stored in checkpoints); a bad record is a ValueError."""
+        out = []
+        for k, r in enumerate(records):
+            if not isinstance(r, dict) or not {"id", "name", "color"} <= set(r):
+                raise ValueError(f"class {k}: expected {{id, name, color}}, got {r!r}"[:120])
+            if isinstance(r["id"], bool) or not isinstance(r["id"], int):
+                raise ValueError(f"class {k}: id must be an integer, got {r['id']!r}")
+            out.append(ClassInfo(r["id"], str(r["name"]), parse_color(r["color"])))
+        return cls(tuple(out))
 
     def to_records(self) -> list[dict]:
         """Plain-JSON form, the inverse of :meth:`from_records`."""
@@ -60,15 +80,17 @@ class ClassMap:
     def __len__(self) -> int:
         return len(self.classes)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ClassInfo]:
         return iter(self.classes)
 
     @property
     def ids(self) -> list[int]:
+        """Class ids in model output order."""
         return [c.id for c in self.classes]
 
     @property
     def names(self) -> list[str]:
+        """Class names in model output order."""
         return [c.name for c in self.classes]
 
     def name_of(self, class_id: int) -> str:

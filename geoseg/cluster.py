@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
@@ -38,6 +39,7 @@ def quiet_dask_logs() -> None:
 
 
 def gpu_count() -> int:
+    """CUDA devices torch sees on this machine (0 when CUDA is missing or broken)."""
     try:
         import torch
 
@@ -55,7 +57,8 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
             client = Client(cfg.address, timeout=f"{cfg.timeout_s}s", security=_security(cfg))
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
-                f"cluster.address: cannot reach scheduler {cfg.address} within {cfg.timeout_s:g}s ({type(exc).__name__})"
+                f"cluster.address: cannot reach scheduler {cfg.address} within {cfg.timeout_s:g}s "
+                f"({type(exc).__name__})"
             ) from None
         try:
             yield client
@@ -99,7 +102,7 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
 
 
 def _security(cfg: ClusterConfig):  # noqa: ANN202
-    """distributed Security for a tls:// scheduler, or None."""
+    """Distributed Security for a tls:// scheduler, or None."""
     if cfg.tls is None:
         return None
     from distributed.security import Security
@@ -122,13 +125,15 @@ def jobqueue_cluster(cfg: ClusterConfig, use_gpu: bool = False):  # noqa: ANN201
     gpu = use_gpu or jq.gpus > 0
     directives = list(jq.job_extra_directives)
     # Worker threads are cores / processes; a GPU worker gets one thread and the job keeps all its cores.
-    kwargs = {"queue": jq.queue, "account": jq.account, "cores": 1 if gpu else jq.cores, "memory": jq.memory,
+    kwargs: dict[str, Any] = {
+              "queue": jq.queue, "account": jq.account, "cores": 1 if gpu else jq.cores, "memory": jq.memory,
               "processes": jq.processes, "walltime": jq.walltime, "job_extra_directives": directives,
               "job_script_prologue": [f"export {k}={v}" for k, v in WORKER_ENV.items()] + list(jq.job_script_prologue),
               "worker_extra_args": ["--resources", "GPU=1"] if gpu else [], "log_directory": jq.log_directory,
               "interface": jq.interface, "local_directory": jq.local_directory, "job_name": "geoseg",
               # The scheduler's HTTP server (dashboard, health) listens on localhost only: ssh -L to see it.
               "scheduler_options": {"dashboard_address": "127.0.0.1:0"}}
+    cls: Any
     if cfg.backend == "slurm":
         cls = dask_jobqueue.SLURMCluster
         if gpu:
@@ -139,7 +144,8 @@ def jobqueue_cluster(cfg: ClusterConfig, use_gpu: bool = False):  # noqa: ANN201
         if gpu:
             from dask.utils import parse_bytes
 
-            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:ngpus=1:mem={max(1, parse_bytes(jq.memory) // 2**30)}gb"
+            gib = max(1, parse_bytes(jq.memory) // 2**30)
+            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:ngpus=1:mem={gib}gb"
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -152,25 +158,42 @@ def tasks_per_host(client: Client) -> int:
     return max(per_host.values(), default=1)
 
 
-def for_each_result(tasks: list, consume, client: Client | None = None) -> None:  # noqa: ANN001
-    """Run Dask ``tasks`` and hand each result to ``consume`` as soon as it is done, in completion order.
+def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
+    """Run Dask ``tasks`` and yield each result as soon as it is done, in completion order.
 
     On the cluster of ``client`` when given; otherwise on two local threads (each task on the synchronous
-    scheduler). Results are consumed and dropped one by one, so they never pile up in memory.
+    scheduler). Results are handed over and dropped one by one, so they never pile up in memory; when the
+    consumer stops early, the tasks not yet done are cancelled.
     """
     if client is not None:
         from distributed import as_completed
 
-        for fut in as_completed(client.compute(tasks)):
-            consume(fut.result())
-            fut.release()
+        futures = client.compute(tasks)
+        try:
+            for fut in as_completed(futures):
+                result = fut.result()
+                fut.release()
+                yield result
+        finally:
+            client.cancel([f for f in futures if not f.done()])
         return
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import as_completed as completed
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for fut in completed([pool.submit(t.compute, scheduler="sync") for t in tasks]):
-            consume(fut.result())
+        pending = [pool.submit(t.compute, scheduler="sync") for t in tasks]
+        try:
+            for fut in completed(pending):
+                yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def for_each_result(tasks: list, consume: Callable[[Any], None], client: Client | None = None) -> None:
+    """Hand each result of ``tasks`` to ``consume`` as soon as it is done (:func:`iter_results`)."""
+    for result in iter_results(tasks, client):
+        consume(result)
 
 
 def map_in_order(task_groups: list[list], client: Client | None = None, lookahead: int = 2) -> Iterator[list]:

@@ -13,35 +13,29 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from geoseg.classes import ClassMap
+from geoseg.config import EvaluateConfig
 from geoseg.errors import InputError
+from geoseg.grid import RasterGrid
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".gml", ".kml"}
 _NO_REF = -1  # rasterize fill: no reference feature here
 
 
-@dataclass(frozen=True)
-class Reference:
-    """How to read a reference map and map its codes to model class ids."""
-
-    path: Path
-    attribute: str = "class"
-    """Class attribute of a vector reference."""
-    mapping: dict[int, int] = field(default_factory=dict)
-    """Reference code -> class id; codes not listed map to the class with the same id, if any."""
-    ignore: tuple[int, ...] = ()
-    nodata: float | None = None
-    """Overrides the reference raster's own nodata."""
-    layer: str | None = None
-
-    @property
-    def is_vector(self) -> bool:
-        return self.path.suffix.lower() in VECTOR_SUFFIXES
+def is_vector(path: Path) -> bool:
+    """Whether a reference file is read as vector features (by its extension)."""
+    return Path(path).suffix.lower() in VECTOR_SUFFIXES
 
 
 # ----------------------------------------------------------------------------------------------- matrices
@@ -63,64 +57,114 @@ def confusion_matrix(reference: np.ndarray, prediction: np.ndarray, n_classes: i
     )
 
 
-def iou_per_class(cm: np.ndarray) -> np.ndarray:
-    """IoU per class; NaN for a class absent from both maps."""
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(0) + cm.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
-
-
-def mean_iou(cm: np.ndarray) -> float:
-    """Mean IoU over the classes present in the reference (rows with support)."""
-    iou = iou_per_class(cm)
-    present = cm.sum(1) > 0
-    return float(np.nanmean(iou[present])) if present.any() else float("nan")
-
-
 def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den > 0 else None
 
 
-def metrics_from_confusion(cm: np.ndarray, classes: list[dict]) -> dict:
-    """Per-class IoU, precision, recall, F1, support and the summary scores, from a confusion matrix.
+@dataclass(frozen=True)
+class Metrics:
+    """Scores of a prediction against a reference, derived from one confusion matrix.
 
-    A class absent from both maps has no IoU (``None``) and is left out of the means; the mean IoU is over
-    the classes present in the reference, named in ``mean_iou_classes``.
+    Rows of ``confusion`` are reference classes, columns predicted classes, both in ``classes`` order.
+    Metrics of parts (blocks, scenes) :meth:`merge` into the metrics of the whole, so the numbers do not
+    depend on the chunking or the number of workers. A class absent from both maps has no IoU (``None``)
+    and is left out of the means; the mean IoU is over the classes present in the reference.
     """
-    cm = np.asarray(cm, dtype=np.int64)
-    total = int(cm.sum())
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    rows = []
-    for k, c in enumerate(classes):
-        fp, fn = int(predicted[k] - tp[k]), int(support[k] - tp[k])
-        rows.append({
-            "id": c["id"], "name": c["name"], "color": c.get("color"), "support": int(support[k]),
-            "predicted": int(predicted[k]),
-            "iou": _ratio(tp[k], tp[k] + fp + fn), "precision": _ratio(tp[k], tp[k] + fp),
-            "recall": _ratio(tp[k], tp[k] + fn), "f1": _ratio(2 * tp[k], 2 * tp[k] + fp + fn),
-        })
-    present = [r for r in rows if r["support"] > 0]
-    ious = [r["iou"] for r in present]
-    pe = float((support.astype(np.float64) * predicted).sum()) / total**2 if total else 0.0
-    po = float(tp.sum()) / total if total else None
-    return {
-        "classes": rows,
-        "mean_iou": float(np.mean(ious)) if ious else None,
-        "mean_iou_classes": [r["name"] for r in present],
-        "frequency_weighted_iou": (float(sum(r["support"] * r["iou"] for r in present) / total) if total else None),
-        "overall_accuracy": po,
-        "kappa": (po - pe) / (1 - pe) if total and pe < 1 else None,
-        "pixels": total,
-        "confusion_matrix": cm.tolist(),
-    }
+
+    confusion: np.ndarray
+    classes: ClassMap
+    unmapped: dict[int, int] = field(default_factory=dict)
+    """Pixels per reference code that maps to no class (not counted)."""
+    prediction: str = ""
+    reference: str = ""
+
+    @classmethod
+    def empty(cls, classes: ClassMap, **kw: Any) -> Metrics:
+        """No pixel counted yet."""
+        n = len(classes)
+        return cls(np.zeros((n, n), dtype=np.int64), classes, **kw)
+
+    def merge(self, other: Metrics) -> Metrics:
+        """The metrics of both parts together."""
+        unmapped = dict(self.unmapped)
+        for code, count in other.unmapped.items():
+            unmapped[code] = unmapped.get(code, 0) + count
+        return Metrics(self.confusion + other.confusion, self.classes, unmapped, self.prediction or other.prediction,
+                       self.reference or other.reference)
+
+    @property
+    def pixels(self) -> int:
+        """Pixels counted."""
+        return int(self.confusion.sum())
+
+    @cached_property
+    def per_class(self) -> list[dict[str, Any]]:
+        """IoU, precision, recall, F1, support and predicted pixels of every class."""
+        cm = np.asarray(self.confusion, dtype=np.int64)
+        tp = np.diag(cm)
+        support, predicted = cm.sum(1), cm.sum(0)
+        rows = []
+        for k, c in enumerate(self.classes):
+            fp, fn = int(predicted[k] - tp[k]), int(support[k] - tp[k])
+            rows.append({
+                "id": c.id, "name": c.name, "color": c.hex, "support": int(support[k]), "predicted": int(predicted[k]),
+                "iou": _ratio(tp[k], tp[k] + fp + fn), "precision": _ratio(tp[k], tp[k] + fp),
+                "recall": _ratio(tp[k], tp[k] + fn), "f1": _ratio(2 * tp[k], 2 * tp[k] + fp + fn),
+            })
+        return rows
+
+    @property
+    def mean_iou(self) -> float | None:
+        """Mean IoU over the classes present in the reference."""
+        ious = [r["iou"] for r in self.per_class if r["support"] > 0]
+        return float(np.mean(ious)) if ious else None
+
+    @property
+    def mean_iou_classes(self) -> list[str]:
+        """Names of the classes the mean IoU is over."""
+        return [r["name"] for r in self.per_class if r["support"] > 0]
+
+    @property
+    def overall_accuracy(self) -> float | None:
+        """Share of pixels classified correctly."""
+        total = self.pixels
+        return float(np.diag(self.confusion).sum()) / total if total else None
+
+    @property
+    def kappa(self) -> float | None:
+        """Cohen's kappa."""
+        total, po = self.pixels, self.overall_accuracy
+        if not total or po is None:
+            return None
+        pe = float((self.confusion.sum(1).astype(np.float64) * self.confusion.sum(0)).sum()) / total**2
+        return (po - pe) / (1 - pe) if pe < 1 else None
+
+    @property
+    def frequency_weighted_iou(self) -> float | None:
+        """IoU weighted by each class's share of the reference."""
+        total = self.pixels
+        present = [r for r in self.per_class if r["support"] > 0]
+        return float(sum(r["support"] * r["iou"] for r in present) / total) if total else None
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers (run manifests, STAC, logs)."""
+        return {"mean_iou": self.mean_iou, "mean_iou_classes": self.mean_iou_classes,
+                "overall_accuracy": self.overall_accuracy, "kappa": self.kappa,
+                "frequency_weighted_iou": self.frequency_weighted_iou, "pixels": self.pixels}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (metrics.json)."""
+        out: dict[str, Any] = {"classes": self.per_class, **self.summary(), "confusion_matrix": self.confusion.tolist()}
+        if self.prediction or self.reference:
+            out.update(prediction=self.prediction, reference=self.reference)
+        out["unmapped_reference_codes"] = {str(k): v for k, v in sorted(self.unmapped.items())}
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _code_lut(ref: Reference, class_ids: list[int], max_code: int) -> np.ndarray:
+def _code_lut(ref: EvaluateConfig, class_ids: list[int], max_code: int) -> np.ndarray:
     """Lookup: reference code -> class index, -2 ignored, -3 unmapped."""
     lut = np.full(max_code + 1, -3, dtype=np.int64)
     index = {cid: k for k, cid in enumerate(class_ids)}
@@ -138,67 +182,65 @@ def _code_lut(ref: Reference, class_ids: list[int], max_code: int) -> np.ndarray
     return lut
 
 
-def _read_reference_raster(ref: Reference, pred_grid: dict, window: Window) -> tuple[np.ndarray, np.ndarray]:
+def _read_reference_raster(ref: EvaluateConfig, grid: RasterGrid, window: Window) -> tuple[np.ndarray, np.ndarray]:
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
 
-    with rasterio.open(ref.path) as src:
+    with rasterio.open(ref.reference) as src:
         nodata = ref.nodata if ref.nodata is not None else src.nodata
-        same = (src.crs == pred_grid["crs"] and src.transform == pred_grid["transform"]
-                and (src.width, src.height) == (pred_grid["width"], pred_grid["height"]))
-        if same:
+        if RasterGrid.of(src) == grid:
             data = src.read(1, window=window)
             valid = data != nodata if nodata is not None else src.read_masks(1, window=window) > 0
             return data, valid
-        with WarpedVRT(src, crs=pred_grid["crs"], transform=pred_grid["transform"], width=pred_grid["width"],
-                       height=pred_grid["height"], resampling=Resampling.nearest,
-                       src_nodata=nodata, nodata=nodata) as vrt:
+        with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                       resampling=Resampling.nearest, src_nodata=nodata, nodata=nodata) as vrt:
             data = vrt.read(1, window=window)
             valid = vrt.read_masks(1, window=window) > 0
             return data, valid
 
 
-def _read_reference_vector(ref: Reference, pred_grid: dict, window: Window) -> tuple[np.ndarray, np.ndarray]:
+def _read_reference_vector(ref: EvaluateConfig, grid: RasterGrid, window: Window) -> tuple[np.ndarray, np.ndarray]:
     import pyogrio
     from rasterio.features import rasterize
     from rasterio.warp import transform_bounds
     from rasterio.windows import bounds as window_bounds
     from rasterio.windows import transform as window_transform
 
-    info = pyogrio.read_info(ref.path, layer=ref.layer)
-    bbox = window_bounds(window, pred_grid["transform"])
-    if info["crs"] and str(info["crs"]) != str(pred_grid["crs"]):
-        bbox = transform_bounds(pred_grid["crs"], info["crs"], *bbox, densify_pts=21)
-    frame = pyogrio.read_dataframe(ref.path, layer=ref.layer, columns=[ref.attribute], bbox=tuple(bbox))
+    info = pyogrio.read_info(ref.reference, layer=ref.layer)
+    bbox = window_bounds(window, grid.transform)
+    if info["crs"] and str(info["crs"]) != str(grid.crs):
+        bbox = transform_bounds(grid.crs, info["crs"], *bbox, densify_pts=21)
+    frame = pyogrio.read_dataframe(ref.reference, layer=ref.layer, columns=[ref.attribute], bbox=tuple(bbox))
     shape = (int(window.height), int(window.width))
     if frame.empty:
         return np.full(shape, _NO_REF, dtype=np.int64), np.zeros(shape, dtype=bool)
-    if frame.crs is not None and frame.crs != pred_grid["crs"]:
-        frame = frame.to_crs(pred_grid["crs"])
+    if frame.crs is not None and frame.crs != grid.crs:
+        frame = frame.to_crs(grid.crs)
     values = frame[ref.attribute].to_numpy()
     # rasterio warns NotGeoreferenced, spuriously, when threads make in-memory datasets at once
     # (odc-geo#131); as in vectorize, a process-wide filter since catch_warnings is not thread-safe.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
     data = rasterize(
         ((geom, int(v)) for geom, v in zip(frame.geometry, values) if geom is not None and v is not None),
-        out_shape=shape, transform=window_transform(window, pred_grid["transform"]), fill=_NO_REF, dtype="int32",
+        out_shape=shape, transform=window_transform(window, grid.transform), fill=_NO_REF, dtype="int32",
     ).astype(np.int64)
     return data, data != _NO_REF
 
 
-def block_confusion(prediction: str, ref: Reference, pred_grid: dict, window: Window,
-                    class_ids: list[int]) -> tuple[np.ndarray, dict[int, int]]:
-    """Confusion matrix of one window, and the counts of reference codes that map to no class."""
+def block_confusion(prediction: str, ref: EvaluateConfig, grid: RasterGrid, window: Window,
+                    classes: ClassMap) -> Metrics:
+    """Metrics of one window: its confusion matrix and the reference codes that map to no class."""
     import rasterio
 
     with rasterio.open(prediction) as pred_ds:
         pred = pred_ds.read(1, window=window)
         # A nodata value is cheaper to test than decoding the dataset mask a second time.
         pred_valid = pred != pred_ds.nodata if pred_ds.nodata is not None else pred_ds.read_masks(1, window=window) > 0
-    reader = _read_reference_vector if ref.is_vector else _read_reference_raster
-    codes, ref_valid = reader(ref, pred_grid, window)
-    n = len(class_ids)
+    assert ref.reference is not None
+    reader = _read_reference_vector if is_vector(ref.reference) else _read_reference_raster
+    codes, ref_valid = reader(ref, grid, window)
+    class_ids, n = classes.ids, len(classes)
     valid = pred_valid & ref_valid
     if codes.dtype.kind == "f":
         valid &= np.isfinite(codes) & (codes == np.round(codes))
@@ -217,88 +259,90 @@ def block_confusion(prediction: str, ref: Reference, pred_grid: dict, window: Wi
     if orphan.any():
         hist = np.bincount(codes[orphan].ravel())
         unmapped = {int(c): int(hist[c]) for c in np.flatnonzero(hist)}
-    return confusion_matrix(ref_index, pred_index, n, counted), unmapped
+    return Metrics(confusion_matrix(ref_index, pred_index, n, counted), classes, unmapped)
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _prediction_grid(prediction: Path) -> tuple[dict, list[dict]]:
+def _prediction_grid(prediction: Path) -> tuple[RasterGrid, ClassMap]:
     from geoseg.read import open_raster
 
     with open_raster(prediction) as ds:
         raw = ds.tags().get("GEOSEG_CLASSES")
         if not raw:
             raise InputError(f"{prediction}: no GEOSEG_CLASSES metadata; is it a geoseg land-cover raster?")
-        grid = {"crs": ds.crs, "transform": ds.transform, "width": ds.width, "height": ds.height}
-        return grid, json.loads(raw)
+        return RasterGrid.of(ds), ClassMap.from_records(json.loads(raw))
 
 
-def _check_overlap(ref: Reference, grid: dict) -> None:
-    """Refuse a reference that does not overlap the prediction at all (and say where each lies)."""
+def check_reference(ref: EvaluateConfig, grid: RasterGrid) -> None:
+    """Refuse a reference that cannot be scored against a prediction on ``grid``, naming the file and the fix.
+
+    A vector reference must have the class attribute (and name its layer when it has several); a reference
+    must overlap the prediction at all.
+    """
     from rasterio.coords import disjoint_bounds
-    from rasterio.transform import array_bounds
     from rasterio.warp import transform_bounds
 
     from geoseg.read import open_raster
 
-    west, south, east, north = array_bounds(grid["height"], grid["width"], grid["transform"])
-    pred_bounds = (west, south, east, north)
-    if not ref.path.exists():
-        raise InputError(f"{ref.path}: reference not found")
-    if ref.is_vector:
+    path = ref.reference
+    if path is None:
+        raise InputError("evaluate.reference: no reference map given")
+    west, south, east, north = pred_bounds = grid.bounds
+    if not path.exists():
+        raise InputError(f"{path}: reference not found")
+    if is_vector(path):
         import pyogrio
 
         try:
-            info = pyogrio.read_info(ref.path, layer=ref.layer)
+            layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+            if ref.layer is None and len(layers) > 1:
+                raise InputError(f"{path}: has {len(layers)} layers ({', '.join(layers)}); name one with "
+                                 "evaluate.layer (geoseg evaluate --layer)")
+            if ref.layer is not None and ref.layer not in layers:
+                raise InputError(f"{path}: no layer {ref.layer!r}; available: {', '.join(layers)}")
+            info = pyogrio.read_info(path, layer=ref.layer)
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-            raise InputError(f"{ref.path}: not a vector file OGR can read ({exc})") from None
+            raise InputError(f"{path}: not a vector file OGR can read ({str(exc).splitlines()[0]})") from None
         if ref.attribute not in list(info["fields"]):
-            raise InputError(f"{ref.path}: no attribute {ref.attribute!r}; available: {', '.join(info['fields'])}"
+            raise InputError(f"{path}: no attribute {ref.attribute!r}; available: {', '.join(info['fields'])}"
                              " (set evaluate.attribute)")
         ref_crs, ref_bounds = info["crs"], info["total_bounds"]
     else:
-        with open_raster(ref.path) as src:
+        with open_raster(path) as src:
             if src.crs is None:
-                raise InputError(f"{ref.path}: reference has no CRS")
+                raise InputError(f"{path}: reference has no CRS")
             ref_crs, ref_bounds = src.crs, src.bounds
     if ref_crs is None:
-        raise InputError(f"{ref.path}: reference has no CRS")
-    in_pred_crs = transform_bounds(ref_crs, grid["crs"], *ref_bounds, densify_pts=21)
+        raise InputError(f"{path}: reference has no CRS")
+    in_pred_crs = transform_bounds(ref_crs, grid.crs, *ref_bounds, densify_pts=21)
     if disjoint_bounds(in_pred_crs, pred_bounds) or in_pred_crs[0] >= east or in_pred_crs[2] <= west:
-        raise InputError(f"{ref.path}: reference does not overlap the prediction (reference bounds "
-                         f"{tuple(round(v, 2) for v in in_pred_crs)}, prediction {tuple(round(v, 2) for v in pred_bounds)})")
+        raise InputError(f"{path}: reference does not overlap the prediction (reference bounds "
+                         f"{tuple(round(v, 2) for v in in_pred_crs)}, prediction "
+                         f"{tuple(round(v, 2) for v in pred_bounds)})")
 
 
-def evaluate_iou(prediction: Path, ref: Reference, *, client=None, block: int = 2048) -> dict:  # noqa: ANN001
-    """Metrics of a geoseg land-cover raster against a reference, streamed in ``block`` x ``block`` windows.
+def evaluate_iou(prediction: Path, cfg: EvaluateConfig, *, client: Client | None = None) -> Metrics:
+    """Metrics of a geoseg land-cover raster against ``cfg.reference``, streamed in ``cfg.block`` windows.
 
-    With a ``client`` the blocks run on the Dask cluster; otherwise on two local threads.
+    With a Dask ``client`` the blocks run on its cluster; otherwise on two local threads.
     """
     import dask
 
-    from geoseg.cluster import for_each_result
+    from geoseg.cluster import iter_results
 
     grid, classes = _prediction_grid(Path(prediction))
-    _check_overlap(ref, grid)
-    class_ids = [c["id"] for c in classes]
-    windows = [Window(c0, r0, min(block, grid["width"] - c0), min(block, grid["height"] - r0))
-               for r0 in range(0, grid["height"], block) for c0 in range(0, grid["width"], block)]
-    tasks = [dask.delayed(block_confusion, pure=True)(str(prediction), ref, grid, w, class_ids)
-             for w in windows]
-    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    unmapped: dict[int, int] = {}
-
-    def _add(part: tuple[np.ndarray, dict[int, int]]) -> None:
-        nonlocal cm
-        cm += part[0]
-        for code, count in part[1].items():
-            unmapped[code] = unmapped.get(code, 0) + count
-
-    for_each_result(tasks, _add, client)
-    if cm.sum() == 0:
-        raise InputError(f"{ref.path}: no pixel is valid in both the prediction and the reference")
-    report = metrics_from_confusion(cm, classes)
-    report.update(prediction=str(prediction), reference=str(ref.path),
-                  unmapped_reference_codes={str(k): v for k, v in sorted(unmapped.items())})
-    return report
+    check_reference(cfg, grid)
+    block = cfg.block
+    windows = [Window(c0, r0, min(block, grid.width - c0), min(block, grid.height - r0))
+               for r0 in range(0, grid.height, block) for c0 in range(0, grid.width, block)]
+    tasks = [dask.delayed(block_confusion, pure=True)(str(prediction), cfg, grid, w, classes) for w in windows]
+    total = Metrics.empty(classes, prediction=str(prediction), reference=str(cfg.reference))
+    for part in iter_results(tasks, client):
+        total = total.merge(part)
+    if total.pixels == 0:
+        raise InputError(f"{cfg.reference}: no pixel is valid in both the prediction and the reference")
+    return total

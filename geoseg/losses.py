@@ -15,7 +15,7 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
-from geoseg.config import LossName
+from geoseg.config.training import LossName
 from geoseg.errors import ConfigError
 
 #: Loss names accepted by ``loss.name``; a ``+`` sums two terms, the second scaled by ``loss.second_weight``.
@@ -46,11 +46,12 @@ def class_weights_from_counts(counts: np.ndarray, mode: str | Sequence[float]) -
 class WeightedSum(torch.nn.Module):
     """``first + weight * second``: a combined loss such as ``ce+dice``."""
 
-    def __init__(self, first: torch.nn.Module, second: torch.nn.Module, weight: float):
+    def __init__(self, first: torch.nn.Module, second: torch.nn.Module, weight: float) -> None:
         super().__init__()
         self.first, self.second, self.weight = first, second, weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of both losses."""
         return self.first(logits, target) + self.weight * self.second(logits, target)
 
 

@@ -1,42 +1,55 @@
-"""Read stage: open the input raster, check it can be segmented, and read windows with a validity mask."""
+"""Read stage: open the input raster, check it can be segmented, and read windows with a validity mask.
+
+:func:`read_raster` returns a :class:`Raster`: the input's :class:`~geoseg.grid.RasterGrid` plus what a
+reader needs (bands in model order, nodata), and :meth:`Raster.read` reads any window of it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.config import ReadConfig
 from geoseg.errors import InputError, RasterNotFoundError
+from geoseg.grid import RasterGrid
 from geoseg.models import ModelSpec
 
 
 @dataclass(frozen=True)
-class RasterSpec:
-    """What the later stages need to know about the input raster."""
+class Raster:
+    """An input raster as the later stages see it: where it is, its grid, and how to read it."""
 
     path: Path
-    crs: CRS
-    transform: Affine
-    width: int
-    height: int
+    grid: RasterGrid
     count: int
     dtype: str
-    nodata: float | None
-    """Nodata value used for the validity mask (the config override or the raster's own)."""
     bands: tuple[int, ...]
     """Selected 1-based band indexes, in model order."""
-    band_names: tuple[str | None, ...] = field(default=())
+    nodata: float | None
+    """Nodata value of the validity mask (the config's or the raster's own)."""
+    nodata_override: bool = False
+    """Validity from ``nodata`` alone (``read.nodata`` was set), not from the dataset's masks."""
+    band_names: tuple[str | None, ...] = ()
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.height, self.width
+    def height(self) -> int:
+        """Rows."""
+        return self.grid.height
+
+    @property
+    def width(self) -> int:
+        """Columns."""
+        return self.grid.width
+
+    def read(self, src: rasterio.DatasetReader, window: Window | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(data, valid)`` of ``window`` from the open dataset ``src`` (see :func:`read_window`)."""
+        return read_window(src, window, self.bands, self.nodata if self.nodata_override else None)
 
 
 def open_raster(path: Path) -> rasterio.DatasetReader:
@@ -53,8 +66,8 @@ def open_raster(path: Path) -> rasterio.DatasetReader:
         raise InputError(f"{path}: not a raster GDAL can read ({detail})") from None
 
 
-def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> RasterSpec:
-    """Validate the input raster against the config and the model; return its :class:`RasterSpec`."""
+def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> Raster:
+    """Validate the input raster against the config and the model; return its :class:`Raster`."""
     with open_raster(path) as src:
         if src.crs is None:
             raise InputError(f"{path}: has no CRS; set one first, e.g. rio edit-info --crs EPSG:32632 {path.name}")
@@ -67,27 +80,24 @@ def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> RasterSpec:
             raise InputError(f"{path}: has no geotransform (pixel grid is not georeferenced)")
         if np.dtype(src.dtypes[0]).kind not in "uif":
             raise InputError(f"{path}: data type {src.dtypes[0]} is not supported (need integer or float bands)")
-        bands = tuple(cfg.bands) if cfg.bands else tuple(b["index"] for b in model.bands)
+        bands = tuple(cfg.bands) if cfg.bands else tuple(b.index for b in model.bands)
         if max(bands) > src.count:
             key = "read.bands" if cfg.bands else "the model's bands"
             raise InputError(f"{path}: has {src.count} bands but {key} asks for band {max(bands)}")
         if len(bands) != model.in_channels:
-            names = ", ".join(b["name"] for b in model.bands)
             raise InputError(
-                f"{path}: read.bands selects {len(bands)} bands but the model expects {model.in_channels} ({names})"
+                f"{path}: read.bands selects {len(bands)} bands but the model expects {model.in_channels} "
+                f"({', '.join(model.band_names)})"
             )
         _check_band_order(path, src.descriptions, bands, model, explicit=cfg.bands is not None)
-        nodata = cfg.nodata if cfg.nodata is not None else src.nodata
-        return RasterSpec(
+        return Raster(
             path=Path(path),
-            crs=src.crs,
-            transform=t,
-            width=src.width,
-            height=src.height,
+            grid=RasterGrid.of(src),
             count=src.count,
             dtype=src.dtypes[0],
-            nodata=nodata,
             bands=bands,
+            nodata=cfg.nodata if cfg.nodata is not None else src.nodata,
+            nodata_override=cfg.nodata is not None,
             band_names=tuple(src.descriptions[b - 1] for b in bands),
         )
 
@@ -95,7 +105,7 @@ def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> RasterSpec:
 def _check_band_order(path: Path, descriptions: tuple, bands: tuple[int, ...], model: ModelSpec,
                       explicit: bool) -> None:
     """Refuse bands whose names show they are the model's bands in another order, and say the fix."""
-    want = [str(b["name"]).lower() for b in model.bands]
+    want = [name.lower() for name in model.band_names]
     names = {str(d).lower(): i + 1 for i, d in enumerate(descriptions) if d}
     have = [str(descriptions[b - 1]).lower() if descriptions[b - 1] else None for b in bands]
     if explicit or have == want or not set(want) <= set(names):
@@ -108,7 +118,7 @@ def _check_band_order(path: Path, descriptions: tuple, bands: tuple[int, ...], m
 
 
 def read_window(
-    src: rasterio.DatasetReader, window: Window, bands: tuple[int, ...], nodata_override: float | None
+    src: rasterio.DatasetReader, window: Window | None, bands: tuple[int, ...], nodata_override: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``bands`` in ``window``; return ``(data, valid)`` where a pixel is invalid if any band is.
 

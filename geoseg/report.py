@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from geoseg._io import atomic_path, check_overwrite
+from geoseg.evaluate import Metrics
 
 FILES = {"metrics_json": "metrics.json", "metrics_csv": "metrics.csv", "report": "report.md",
          "confusion_png": "confusion.png", "iou_png": "iou.png"}
@@ -19,8 +20,9 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def write_reports(report: dict, out_dir: Path, overwrite: bool = False) -> dict[str, str]:
+def write_reports(metrics: Metrics, out_dir: Path, overwrite: bool = False) -> dict[str, str]:
     """Write every report file into ``out_dir`` (atomically); return their paths by kind."""
+    report = metrics.to_dict()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / v for k, v in FILES.items()}
@@ -45,7 +47,8 @@ def write_reports(report: dict, out_dir: Path, overwrite: bool = False) -> dict[
         f"- prediction: `{report.get('prediction', '')}`", f"- reference: `{report.get('reference', '')}`",
         f"- pixels compared: {report['pixels']:,}", "",
         "| metric | value |", "| --- | --- |",
-        f"| mean IoU ({len(report['mean_iou_classes'])} classes present in the reference) | {_fmt(report['mean_iou'])} |",
+        f"| mean IoU ({len(report['mean_iou_classes'])} classes present in the reference) | "
+        f"{_fmt(report['mean_iou'])} |",
         f"| frequency-weighted IoU | {_fmt(report['frequency_weighted_iou'])} |",
         f"| overall accuracy | {_fmt(report['overall_accuracy'])} |",
         f"| Cohen's kappa | {_fmt(report['kappa'])} |", "",

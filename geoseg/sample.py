@@ -50,13 +50,14 @@ _ROAD = np.array([820, 860, 900, 1000], dtype=np.float32)
 def _hash(*parts: np.ndarray | int) -> np.ndarray:
     """SplitMix64-style hash of integer arrays to uniform floats in [0, 1)."""
     with np.errstate(over="ignore"):
-        h = np.uint64(0x9E3779B97F4A7C15)
+        h: np.ndarray = np.asarray(np.uint64(0x9E3779B97F4A7C15))
         for k, p in enumerate(parts):
-            h = h ^ (np.asarray(p).astype(np.int64).astype(np.uint64) + np.uint64(0x632BE59BD9B4E019 * (k + 1) & (2**64 - 1)))
+            salt = np.uint64(0x632BE59BD9B4E019 * (k + 1) & (2**64 - 1))
+            h = h ^ (np.asarray(p).astype(np.int64).astype(np.uint64) + salt)
             h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             h = h ^ (h >> np.uint64(31))
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.asarray((h >> np.uint64(11)).astype(np.float64) / float(1 << 53))
 
 
 def _value_noise(rows: np.ndarray, cols: np.ndarray, scale: float, seed: int) -> np.ndarray:
@@ -154,6 +155,8 @@ def image_window(labels: np.ndarray, window: Window, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SamplePaths:
+    """The two rasters of a sample scene."""
+
     image: Path
     labels: Path
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from shapely.geometry import shape
 
-from geoseg import __version__
+from geoseg._version import __version__
 from geoseg.classes import ClassMap
-from geoseg.read import RasterSpec
+from geoseg.grid import RasterGrid
+from geoseg.read import Raster
 
 STAC_VERSION = "1.1.0"
 EXTENSIONS = [
@@ -40,17 +41,17 @@ _ROLES = {"landcover": ["data"], "confidence": ["data", "quality"], "vector": ["
           "scores": ["data"]}
 
 
-def footprint(spec: RasterSpec, points_per_side: int = 16) -> dict:
+def footprint(grid: RasterGrid, points_per_side: int = 16) -> dict:
     """The raster's outline in WGS 84 as a GeoJSON polygon, densified so projected edges stay true."""
     from rasterio.transform import xy
     from rasterio.warp import transform_geom
 
-    h, w, n = spec.height, spec.width, points_per_side
+    h, w, n = grid.height, grid.width, points_per_side
     edge = [(0, c * w / n) for c in range(n)] + [(r * h / n, w) for r in range(n)]
     edge += [(h, w - c * w / n) for c in range(n)] + [(h - r * h / n, 0) for r in range(n)]
-    xs, ys = xy(spec.transform, [r for r, _ in edge], [c for _, c in edge], offset="ul")
+    xs, ys = xy(grid.transform, [r for r, _ in edge], [c for _, c in edge], offset="ul")
     ring = [[float(x), float(y)] for x, y in zip(xs, ys)]
-    return transform_geom(spec.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+    return transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
                           precision=7)
 
 
@@ -66,11 +67,11 @@ def class_table(classes: ClassMap, nodata: int) -> list[dict]:
                      "nodata": True}]
 
 
-def acquisition_time(spec: RasterSpec) -> str | None:
+def acquisition_time(path: Path) -> str | None:
     """The scene's TIFFTAG_DATETIME as ISO 8601 (UTC assumed), if the input carries one."""
     import rasterio
 
-    with rasterio.open(spec.path) as src:
+    with rasterio.open(path) as src:
         raw = src.tags().get("TIFFTAG_DATETIME")
     try:
         return datetime.strptime(raw, "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc).isoformat() if raw else None
@@ -78,26 +79,27 @@ def acquisition_time(spec: RasterSpec) -> str | None:
         return None
 
 
-def stac_item(item_id: str, spec: RasterSpec, outputs: dict[str, str], classes: ClassMap, nodata: int, *,
+def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: ClassMap, nodata: int, *,
               metrics: dict | None = None, source: dict | None = None) -> dict[str, Any]:
     """A STAC Item for one scene's outputs (``outputs``: asset key -> path inside the scene's folder).
 
     ``source``: the input's STAC Item when the scene came from one (its datetime is reused); otherwise the
     input's TIFFTAG_DATETIME, or the processing time when it has none (``geoseg:datetime_source`` says which).
     """
-    geom = footprint(spec)
+    grid = raster.grid
+    geom = footprint(grid)
     now = datetime.now(timezone.utc).isoformat()
     when, origin = (source or {}).get("datetime"), "source item"
     if not when:
-        when, origin = acquisition_time(spec), "input TIFFTAG_DATETIME"
+        when, origin = acquisition_time(raster.path), "input TIFFTAG_DATETIME"
     if not when:
         when, origin = now, "processing time"
-    t = spec.transform
+    t = grid.transform
     props: dict[str, Any] = {
         "datetime": when, "created": now, "geoseg:datetime_source": origin,
-        "proj:code": f"EPSG:{spec.crs.to_epsg()}" if spec.crs.to_epsg() else None,
-        "proj:wkt2": None if spec.crs.to_epsg() else spec.crs.to_wkt(),
-        "proj:shape": [spec.height, spec.width], "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+        "proj:code": f"EPSG:{grid.crs.to_epsg()}" if grid.crs.to_epsg() else None,
+        "proj:wkt2": None if grid.crs.to_epsg() else grid.crs.to_wkt(),
+        "proj:shape": [grid.height, grid.width], "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
         "processing:software": {"geoseg": __version__}, "processing:lineage": "land-cover segmentation",
     }
     if metrics:
@@ -107,16 +109,17 @@ def stac_item(item_id: str, spec: RasterSpec, outputs: dict[str, str], classes: 
         p = Path(path)
         if p.is_dir() or key in ("manifest", "stac_item"):
             continue
-        asset = {"href": f"./{p.name}", "type": _MEDIA.get(p.suffix.lower(), "application/octet-stream"),
-                 "roles": _ROLES.get(key, ["metadata"]), "title": key.replace("_", " ")}
+        asset: dict[str, Any] = {"href": f"./{p.name}",
+                                 "type": _MEDIA.get(p.suffix.lower(), "application/octet-stream"),
+                                 "roles": _ROLES.get(key, ["metadata"]), "title": key.replace("_", " ")}
         if key == "landcover":
             asset["classification:classes"] = class_table(classes, nodata)
             asset["nodata"] = nodata
         assets[key] = asset
     assets["manifest"] = {"href": "./run.json", "type": "application/json", "roles": ["metadata"],
                           "title": "geoseg run manifest"}
-    links = [{"rel": "derived_from", "href": (source or {}).get("href") or spec.path.absolute().as_uri(),
+    links = [{"rel": "derived_from", "href": (source or {}).get("href") or raster.path.absolute().as_uri(),
               "type": "application/geo+json" if source else _MEDIA[".tif"]}]
     return {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": EXTENSIONS, "id": item_id,
-            "geometry": geom, "bbox": list(shape(geom).bounds), "properties": {k: v for k, v in props.items() if v is not None},
-            "links": links, "assets": assets}
+            "geometry": geom, "bbox": list(shape(geom).bounds),
+            "properties": {k: v for k, v in props.items() if v is not None}, "links": links, "assets": assets}

@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from geoseg import __version__
 from geoseg._io import atomic_path, check_overwrite, file_digest
-from geoseg.config import TrainConfig, dump_config
+from geoseg._version import __version__
+from geoseg.config import SegmentConfig, TrainConfig, dump_config
+from geoseg.device import autocast, resolve_device
 from geoseg.errors import CheckpointError, ConfigError, InputError
-from geoseg.evaluate import confusion_matrix, metrics_from_confusion
+from geoseg.evaluate import Metrics, confusion_matrix
+from geoseg.models import ModelSpec
 from geoseg.training_data import (
     IGNORE,
     WindowSampler,
@@ -55,12 +57,15 @@ class TrainPaths:
 
     @classmethod
     def for_output(cls, output: Path) -> TrainPaths:
+        """The files beside checkpoint ``output``."""
         return cls(output, output.with_suffix(".log.csv"), output.with_suffix(".curves.png"),
                    output.with_suffix(".train-state.pt"))
 
 
 @dataclass
 class TrainResult:
+    """What a training run produced."""
+
     checkpoint: Path
     best_epoch: int
     best_miou: float
@@ -68,49 +73,27 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def resolve_train_device(cfg: TrainConfig) -> tuple[str, str]:
-    """(device, precision) for training after resolving 'auto'."""
+def predict_region(model: Any, x: np.ndarray, spec: ModelSpec, tiling: SegmentConfig, *, device: str = "cpu",
+                   precision: str = "fp32", valid: np.ndarray | None = None) -> np.ndarray:
+    """Class indexes of a normalised image (bands, H, W), tiled and blended exactly as ``geoseg run`` does.
+
+    ``tiling`` carries the tile size, overlap and blend (the validation section of the training config).
+    Pixels where ``valid`` is False get -1.
+    """
     import torch
 
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda asked for but torch sees no CUDA device")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
-    return device, precision
+    from geoseg.segment import predict_array
 
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.inference_mode(), autocast(device, precision):
+            for k in range(0, len(batch), 4):
+                t = torch.from_numpy(np.ascontiguousarray(batch[k : k + 4])).to(device)
+                out.append(torch.softmax(model(t).float(), 1).cpu().numpy())
+        return np.concatenate(out)
 
-def _autocast(device: str, precision: str):  # noqa: ANN202
-    import torch
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def predict_region(model, x: np.ndarray, *, device: str = "cpu", precision: str = "fp32", tile: int = 512,  # noqa: ANN001
-                   halo: int = 32) -> np.ndarray:
-    """Class indexes for a normalised image (bands, H, W): reflect-padded tiles, centre crops kept."""
-    import torch
-
-    from geoseg.grid import pad_to
-
-    _, h, w = x.shape
-    out = np.zeros((h, w), dtype=np.int64)
-    core = tile - 2 * halo
-    with torch.inference_mode(), _autocast(device, precision):
-        for r in range(0, h, core):
-            for c in range(0, w, core):
-                r0, c0 = r - halo, c - halo
-                rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r0 + tile, h), min(c0 + tile, w)
-                patch = pad_to(x[:, rr0:rr1, cc0:cc1], (rr0 - r0, cc0 - c0), (r0 + tile - rr1, c0 + tile - cc1))
-                batch = torch.from_numpy(np.ascontiguousarray(patch))[None].to(device)
-                pred = model(batch).argmax(1)[0].cpu().numpy()
-                hh, ww = min(core, h - r), min(core, w - c)
-                out[r : r + hh, c : c + ww] = pred[halo : halo + hh, halo : halo + ww]
-    return out
+    valid = np.ones(x.shape[1:], dtype=bool) if valid is None else valid
+    return predict_array(predict, x, valid, spec, tiling)
 
 
 def _batch(sampler: WindowSampler, cfg: TrainConfig, norm, rng: np.random.Generator):  # noqa: ANN001, ANN202
@@ -139,14 +122,16 @@ def _schedule(opt, cfg: TrainConfig):  # noqa: ANN001, ANN202
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
 
 
-def validate(model, regions: list[tuple[np.ndarray, np.ndarray]], n_classes: int, device: str,  # noqa: ANN001
-             precision: str) -> np.ndarray:
-    """Confusion matrix of the model over the validation regions (normalised image, targets)."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+def validate(model: Any, regions: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec, tiling: SegmentConfig,
+             device: str, precision: str) -> Metrics:
+    """Metrics of the model over the validation regions (normalised image, targets), tiled as users run it."""
+    n = len(spec.classes)
+    total = Metrics.empty(spec.classes)
     for x, target in regions:
-        pred = predict_region(model, x, device=device, precision=precision)
-        cm += confusion_matrix(target, pred, n_classes)  # IGNORE (255) lies outside the class range
-    return cm
+        pred = predict_region(model, x, spec, tiling, device=device, precision=precision)
+        # IGNORE (255) lies outside the class range
+        total = total.merge(Metrics(confusion_matrix(target, pred, n), spec.classes))
+    return total
 
 
 def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = False) -> TrainResult:
@@ -158,8 +143,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     import torch
 
     from geoseg.losses import class_weights_from_counts, create_loss
-    from geoseg.models import ModelSpec, create_model, save_checkpoint
-    from geoseg.pipeline import progress_bar
+    from geoseg.models import create_model, output_stride, save_checkpoint
+    from geoseg.progress import progress_bar
 
     paths = TrainPaths.for_output(cfg.output)
     if resume:
@@ -167,7 +152,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             raise InputError(f"{paths.state}: no training state to resume from; run without --resume")
     else:
         check_overwrite(cfg.output, cfg.overwrite)
-    device, precision = resolve_train_device(cfg)
+    device, precision = resolve_device(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -189,10 +174,15 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         bands=[{"index": b.index, "name": b.name} for b in cfg.bands], mean=mean, std=std,
         classes=[{"id": c.id, "name": c.name, "color": c.color if isinstance(c.color, str) else
                   "#{:02x}{:02x}{:02x}".format(*c.color)} for c in cfg.classes],
-        tile_size=cfg.tile_size, arch_kwargs=dict(cfg.model.arch_kwargs),
+        tile_size=cfg.tile_size, arch_kwargs=dict(cfg.model.arch_kwargs), output_stride=output_stride(model),
     )
+    tiling = SegmentConfig(model=cfg.output, tile=cfg.validation.tile, stitch=cfg.validation.stitch)
+    if tiling.tile.size % spec.output_stride:
+        raise ConfigError(f"validation.tile.size: {tiling.tile.size} is not divisible by the model's output stride "
+                          f"{spec.output_stride}")
     if cfg.tile_size % spec.output_stride:
-        raise ConfigError(f"tile_size: {cfg.tile_size} is not divisible by the model's output stride {spec.output_stride}")
+        raise ConfigError(f"tile_size: {cfg.tile_size} is not divisible by the model's output stride "
+                          f"{spec.output_stride}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg)
     loss_fn = create_loss(cfg.loss.name, IGNORE, weights, focal_gamma=cfg.loss.focal_gamma,
@@ -201,7 +191,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     sampler = WindowSampler(train, n_classes, rng, class_balanced=cfg.sampling.class_balanced,
                             min_labelled=cfg.sampling.min_labelled)
     val_norm = [(norm(r.image), r.target) for r in val]
-    data = [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]} for sc in cfg.train]
+    data = [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]}
+            for sc in cfg.train]
 
     history: list[dict] = []
     best_miou, best_epoch, start, elapsed0 = -1.0, 0, 1, 0.0
@@ -239,7 +230,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             xb, yb = _batch(sampler, cfg, norm, rng)
             xb, yb = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             opt.zero_grad(set_to_none=True)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 loss = loss_fn(model(xb), yb)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -252,7 +243,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             if bar:
                 bar.advance(bar.task_ids[0])
         model.eval()
-        metrics = metrics_from_confusion(validate(model, val_norm, n_classes, device, precision), spec.classes)
+        scores = validate(model, val_norm, spec, tiling, device, precision)
+        metrics = scores.to_dict()
         miou = metrics["mean_iou"] if metrics["mean_iou"] is not None else float("nan")
         row: dict[str, Any] = {
             "epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": round(miou, 5),
@@ -274,7 +266,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
                 "data": data,
                 "config": dump_config(cfg),
             }
-            save_checkpoint(cfg.output, model, ModelSpec(**{**spec.__dict__, "provenance": provenance}))
+            save_checkpoint(cfg.output, model, spec.model_copy(update={"provenance": provenance}))
         stopped_early = cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch < cfg.epochs
         _write_log(paths.log, history)
         plot_curves(history, paths.curves)

@@ -133,7 +133,7 @@ class WindowSampler:
     """
 
     def __init__(self, regions: list[Region], n_classes: int, rng: np.random.Generator, *,
-                 class_balanced: bool = False, min_labelled: float = 0.5, max_points: int = 200_000):
+                 class_balanced: bool = False, min_labelled: float = 0.5, max_points: int = 200_000) -> None:
         self.regions, self.rng, self.min_labelled = regions, rng, min_labelled
         sizes = np.array([r.trainable.sum() for r in regions], dtype=np.float64)
         if not sizes.sum():
@@ -143,9 +143,9 @@ class WindowSampler:
         if class_balanced:
             # (region, row, col) of every trainable pixel per class; subsampled so huge scenes stay cheap.
             for k in range(n_classes):
-                pts = [np.column_stack([np.full(len(rr), i), rr, cc])
-                       for i, reg in enumerate(regions) for rr, cc in [np.nonzero(reg.trainable & (reg.target == k))]]
-                pts = np.concatenate(pts) if pts else np.zeros((0, 3), dtype=np.int64)
+                parts = [np.column_stack([np.full(len(rr), i), rr, cc])
+                         for i, reg in enumerate(regions) for rr, cc in [np.nonzero(reg.trainable & (reg.target == k))]]
+                pts = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
                 if len(pts) > max_points:
                     pts = pts[rng.choice(len(pts), max_points, replace=False)]
                 if len(pts):
@@ -178,7 +178,8 @@ class WindowSampler:
                          f"the validation area ({sizes}); use a smaller tile_size or sampling.min_labelled")
 
 
-def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
     """Random dihedral transform and per-band brightness/contrast jitter of a normalised window."""
     if cfg.rotate90:
         k = int(rng.integers(0, 4))
@@ -191,8 +192,8 @@ def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: Augment
     x = np.ascontiguousarray(x, dtype=np.float32)
     if cfg.contrast or cfg.brightness:
         n = x.shape[0]
-        gain = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast, n).astype(np.float32)
-        shift = rng.uniform(-cfg.brightness, cfg.brightness, n).astype(np.float32)
+        gain = 1.0 + np.asarray(rng.uniform(-cfg.contrast, cfg.contrast, n), dtype=np.float32)
+        shift = np.asarray(rng.uniform(-cfg.brightness, cfg.brightness, n), dtype=np.float32)
         x = x * gain[:, None, None] + shift[:, None, None]
     return x, np.ascontiguousarray(y)
 

@@ -5,7 +5,8 @@ Each block is polygonized on a worker with :func:`rasterio.features.shapes` (``m
 leave the worker finished (CRS coordinates, area, perimeter, WKB). Those touching an inner block edge are
 grouped on the client with their same-class neighbours across it (STR-tree + union-find; only these take
 part, so memory stays bounded), and each group is unioned on a worker. The client only groups and writes.
-The result is the set of polygons one ``shapes`` call over the whole raster gives."""
+The result is the set of polygons one ``shapes`` call over the whole raster gives.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import sqlite3
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -28,31 +29,44 @@ from rasterio.windows import Window
 
 from geoseg._io import atomic_path
 from geoseg.classes import ClassMap
-from geoseg.errors import InputError
+from geoseg.config import VectorizeConfig
+from geoseg.errors import ConfigError, InputError
+from geoseg.grid import RasterGrid
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger("geoseg")
 
 
-@dataclass(frozen=True)
-class VectorizeOptions:
-    """What to vectorize and how (see ``VectorizeConfig`` for the YAML keys)."""
-
-    layer: str = "landcover"
-    connectivity: int = 4
-    min_area_px: int = 0
-    """Minimum mapping unit in pixels: smaller patches take the majority class around them."""
-    simplify: float = 0.0
-    """Topology-preserving simplification tolerance in CRS units (0: none)."""
-    block: int = 2048
+#: Widest window a block may read (block plus halo on both sides): 32768^2 uint8 is 1 GiB per task.
+MAX_READ = 32768
 
 
-@dataclass(frozen=True)
-class Georef:
-    """The raster's grid (pixel -> CRS coordinates) and CRS, as sent to the workers."""
+def min_area_pixels(cfg: VectorizeConfig, grid: RasterGrid) -> int:
+    """The minimum mapping unit in pixels: the larger of ``min_area_px`` and ``min_area_m2`` on this grid."""
+    px = cfg.min_area_px
+    if cfg.min_area_m2 > 0:
+        if not grid.crs.is_projected:
+            raise ConfigError("vectorize.min_area_m2: needs a projected CRS; use vectorize.min_area_px")
+        factor = grid.crs.linear_units_factor[1]
+        px = max(px, int(np.ceil(cfg.min_area_m2 / (grid.pixel_area * factor**2))))
+    return px
 
-    transform: Affine
-    crs: str
-    """WKT or ``EPSG:n``."""
+
+def sieve_halo(min_area: int, block: int) -> int:
+    """Context a block needs for an exact minimum mapping unit: ``2 * min_area + 2`` pixels, or 0 without one.
+
+    Too large a unit for the block is refused rather than clipped (a clipped halo would change the result).
+    """
+    if min_area <= 1:
+        return 0
+    halo = 2 * min_area + 2
+    if block + 2 * halo > MAX_READ:
+        raise ConfigError(f"vectorize.min_area_px: a minimum mapping unit of {min_area} px needs {halo} px of "
+                          f"context around each block, more than a task may read ({MAX_READ} px); use at most "
+                          f"{(MAX_READ - block) // 4 - 1} px or a smaller vectorize.block")
+    return halo
 
 
 # ----------------------------------------------------------------------------------------------- raster side
@@ -93,16 +107,17 @@ def sieve_block(data: np.ndarray, valid: np.ndarray, min_area: int, connectivity
         here, there = labels[dst], labels[src]
         pick = is_small[dst] & valid[src] & ~is_small[src] & (there > 0)
         np.add.at(votes, here[pick] * n_values + data[src][pick].astype(np.int64), 1)
-    votes = votes.reshape(offset + 1, n_values)
-    winner = votes.argmax(1)
-    has_vote = votes.max(1) > 0
+    table = votes.reshape(offset + 1, n_values)
+    winner = table.argmax(1)
+    has_vote = table.max(1) > 0
     out = data.copy()
     replace = is_small & has_vote[labels]
     out[replace] = winner[labels[replace]].astype(data.dtype)
     return out
 
 
-def _read_block(path: str, window: Window, halo: int, opts: VectorizeOptions) -> tuple[np.ndarray, np.ndarray]:
+def _read_block(path: str, window: Window, halo: int, min_area: int,
+                connectivity: int) -> tuple[np.ndarray, np.ndarray]:
     import rasterio
     from rasterio.enums import MaskFlags
 
@@ -118,7 +133,7 @@ def _read_block(path: str, window: Window, halo: int, opts: VectorizeOptions) ->
             valid = src.read_masks(1, window=ext) > 0
     if not halo:
         return data, valid
-    data = sieve_block(data, valid, opts.min_area_px, opts.connectivity)
+    data = sieve_block(data, valid, min_area, connectivity)
     tr, tc = int(window.row_off) - rr0, int(window.col_off) - cc0
     core = (slice(tr, tr + int(window.height)), slice(tc, tc + int(window.width)))
     return data[core], valid[core]
@@ -143,8 +158,8 @@ def _polygons(found: list[tuple[dict, float]]) -> np.ndarray:
     return shapely.polygons(rings, indices=np.array(ring_owner))
 
 
-def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOptions, n_rows: int, n_cols: int,
-                     georef: Georef) -> tuple[dict, list]:
+def polygonize_block(path: str, window: Window, min_area: int, cfg: VectorizeConfig,
+                     grid: RasterGrid) -> tuple[dict, list]:
     """Polygons of one block: ``(features, border)``.
 
     ``features`` holds the polygons inside the block, finished (:func:`features`); ``border`` the
@@ -152,16 +167,18 @@ def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOption
     """
     from rasterio.features import shapes
 
-    data, valid = _read_block(path, window, halo, opts)
+    halo = sieve_halo(min_area, cfg.block)
+    data, valid = _read_block(path, window, halo, min_area, cfg.connectivity)
+    n_rows, n_cols = grid.height, grid.width
     r0, c0 = int(window.row_off), int(window.col_off)
     r1, c1 = r0 + int(window.height), c0 + int(window.width)
     # rasterio warns NotGeoreferenced on the first block's identity transform (pixel coordinates on purpose)
     # and, spuriously, when threads make in-memory datasets at once (odc-geo#131). catch_warnings is not
     # thread-safe, so the filter is process-wide, for rasterio.features only.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
-    found = list(shapes(data, mask=valid, connectivity=opts.connectivity, transform=Affine.translation(c0, r0)))
+    found = list(shapes(data, mask=valid, connectivity=cfg.connectivity, transform=Affine.translation(c0, r0)))
     if not found:
-        return features(np.empty(0, dtype=object), [], georef), []
+        return features(np.empty(0, dtype=object), [], grid), []
     polys = _polygons(found)
     values = np.array([int(v) for _, v in found])
     bad = ~shapely.is_valid(polys)
@@ -171,13 +188,13 @@ def polygonize_block(path: str, window: Window, halo: int, opts: VectorizeOption
     touches = (((minx == c0) & (c0 > 0)) | ((maxx == c1) & (c1 < n_cols)) | ((miny == r0) & (r0 > 0))
                | ((maxy == r1) & (r1 < n_rows)))
     border = list(zip(shapely.to_wkb(polys[touches]).tolist(), values[touches].tolist()))
-    return features(polys[~touches], values[~touches], georef), border
+    return features(polys[~touches], values[~touches], grid), border
 
 
 # ----------------------------------------------------------------------------------------------- merging
 
 
-def union_groups(groups: list[tuple[list[bytes], int]], georef: Georef) -> dict:
+def union_groups(groups: list[tuple[list[bytes], int]], grid: RasterGrid) -> dict:
     """The polygons of groups of same-class pieces (pixel WKB) that share edges: their unions, finished."""
     geoms = np.empty(len(groups), dtype=object)
     for k, (pieces, _) in enumerate(groups):
@@ -186,7 +203,7 @@ def union_groups(groups: list[tuple[list[bytes], int]], georef: Georef) -> dict:
         else:
             # simplify(0) drops the collinear vertices left where block edges were, as one shapes() call has none.
             geoms[k] = shapely.simplify(shapely.union_all(shapely.from_wkb(pieces)), 0.0, preserve_topology=False)
-    return features(geoms, [value for _, value in groups], georef)
+    return features(geoms, [value for _, value in groups], grid)
 
 
 _SCATTER_BYTES = 4 * 2**20
@@ -214,7 +231,7 @@ class RowMerger:
     memory follows the polygons crossing the current row edge, not the raster's area.
     """
 
-    def __init__(self, connectivity: int, n_rows: int):
+    def __init__(self, connectivity: int, n_rows: int) -> None:
         self.n_rows = n_rows
         # 4-connected: they share an edge (boundaries meet in a line); 8-connected: a corner is enough.
         self.pattern = "F***1****" if connectivity == 4 else "F***T****"
@@ -286,7 +303,7 @@ def to_world(pixel: np.ndarray, transform: Affine) -> np.ndarray:
     return world
 
 
-def measures(geoms: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def measures(geoms: np.ndarray, crs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Area (m²) and perimeter (m): in the CRS's metres when projected, else in an equal-area CRS."""
     from pyproj import CRS, Transformer
 
@@ -300,13 +317,13 @@ def measures(geoms: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:  # noqa: 
     return shapely.area(eq), shapely.length(eq)
 
 
-def features(pixel: np.ndarray, values, georef: Georef) -> dict:  # noqa: ANN001
+def features(pixel: np.ndarray, values: Any, grid: RasterGrid) -> dict:
     """Polygons in pixel coordinates, finished for writing: CRS coordinates (WKB), class id, area, perimeter.
 
     Done where the polygons are made (on the workers), so the writer only writes.
     """
-    world = to_world(np.asarray(pixel, dtype=object), georef.transform)
-    area, perimeter = measures(world, georef.crs)
+    world = to_world(np.asarray(pixel, dtype=object), grid.transform)
+    area, perimeter = measures(world, grid.crs)
     return {"wkb": shapely.to_wkb(world), "class_id": np.asarray(values, dtype=np.int32), "area_m2": area,
             "perimeter_m": perimeter}
 
@@ -325,7 +342,8 @@ def qgis_vector_style(classes: ClassMap, field: str = "class_id") -> str:
     cats, symbols = [], []
     for k, c in enumerate(classes):
         r, g, b = c.color
-        cats.append(f'<category render="true" symbol="{k}" value="{c.id}" label="{escape(c.name, {chr(34): "&quot;"})}"/>')
+        label = escape(c.name, {chr(34): "&quot;"})
+        cats.append(f'<category render="true" symbol="{k}" value="{c.id}" label="{label}"/>')
         symbols.append(
             f'<symbol type="fill" name="{k}" alpha="1" clip_to_extent="1" force_rhr="0">'
             f'<layer class="SimpleFill" enabled="1" locked="0" pass="0"><Option type="Map">'
@@ -379,8 +397,8 @@ def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
             for r0 in range(0, height, block)]
 
 
-def polygon_features(raster: str, opts: VectorizeOptions, georef: Georef, height: int, width: int, *,
-                     client=None, lookahead: int = 2) -> Iterator[dict]:  # noqa: ANN001
+def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min_area: int | None = None,
+                     client: Client | None = None, lookahead: int = 2) -> Iterator[dict]:
     """The raster's polygons as finished :func:`features` batches, block row by block row.
 
     Together they are the polygons of one ``shapes`` call over the whole raster. ``lookahead`` rows are
@@ -393,11 +411,12 @@ def polygon_features(raster: str, opts: VectorizeOptions, georef: Georef, height
 
     from geoseg.cluster import map_in_order
 
-    halo = min(2 * opts.min_area_px + 2, opts.block) if opts.min_area_px > 1 else 0
-    rows = block_rows(height, width, opts.block)
-    tasks = [[dask.delayed(polygonize_block, pure=False)(raster, w, halo, opts, height, width, georef) for w in row]
+    min_area = min_area_pixels(cfg, grid) if min_area is None else min_area
+    sieve_halo(min_area, cfg.block)  # refused here, before any task runs
+    rows = block_rows(grid.height, grid.width, cfg.block)
+    tasks = [[dask.delayed(polygonize_block, pure=False)(raster, w, min_area, cfg, grid) for w in row]
              for row in rows]
-    merger = RowMerger(opts.connectivity, height)
+    merger = RowMerger(cfg.connectivity, grid.height)
     unions: deque = deque()  # futures of union_groups, oldest first
     local = ThreadPoolExecutor(max_workers=2) if client is None else None
     parts = 2 if client is None else max(1, sum(client.nthreads().values()))
@@ -405,13 +424,14 @@ def polygon_features(raster: str, opts: VectorizeOptions, georef: Georef, height
     def submit_union(groups: list) -> None:
         # Split so that the last row's unions, the largest, run on every worker at once.
         for part in _balanced(groups, parts):
-            if local is not None:
-                unions.append(local.submit(union_groups, part, georef))
+            if client is None:
+                assert local is not None
+                unions.append(local.submit(union_groups, part, grid))
                 continue
             if sum(len(w) for pieces, _ in part for w in pieces) > _SCATTER_BYTES:
                 # Scattered when large (a scene-wide polygon): Dask warns about big task arguments.
                 [part] = client.scatter([part], hash=False)
-            unions.append(client.submit(union_groups, part, georef, pure=False, priority=1))
+            unions.append(client.submit(union_groups, part, grid, pure=False, priority=1))
 
     def finished_unions(wait: bool) -> Iterator[dict]:
         while unions and (wait or unions[0].done()):
@@ -433,8 +453,8 @@ def polygon_features(raster: str, opts: VectorizeOptions, georef: Georef, height
             local.shutdown(wait=True, cancel_futures=True)
 
 
-def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = VectorizeOptions(), *,
-                      client=None, overwrite: bool = False) -> dict:  # noqa: ANN001
+def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = None, *,
+                      client: Client | None = None, overwrite: bool = False) -> dict:
     """Polygonize a class-id GeoTIFF into ``output`` (.gpkg, or .fgb by extension).
 
     Blocks run on the Dask ``client`` when given, else on local threads; polygons are written in batches
@@ -444,14 +464,16 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
 
     from geoseg.read import open_raster
 
-    if opts.connectivity not in (4, 8):
-        raise InputError(f"vectorize.connectivity: must be 4 or 8 (got {opts.connectivity})")
+    cfg = cfg if cfg is not None else VectorizeConfig()
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise InputError(f"{output}: folder {output.parent} does not exist")
     with open_raster(raster) as src:
         if src.crs is None:
             raise InputError(f"{raster}: has no CRS; polygons would not be georeferenced")
         if np.dtype(src.dtypes[0]).kind not in "iu":
             raise InputError(f"{raster}: class rasters must hold integers, not {src.dtypes[0]}")
-        crs, transform, height, width = src.crs, src.transform, src.height, src.width
+        grid = RasterGrid.of(src)
         raw = src.tags().get("GEOSEG_CLASSES")
     classes = ClassMap.from_records(json.loads(raw)) if raw else ClassMap(())
     suffix = output.suffix.lower()
@@ -459,8 +481,8 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
     if driver is None:
         raise InputError(f"{output}: unsupported vector format; use .gpkg or .fgb")
     # FlatGeobuf cannot append, and simplification needs the whole coverage: those are written at the end.
-    streaming = driver == "GPKG" and opts.simplify <= 0
-    georef = Georef(transform, crs.to_string())
+    streaming = driver == "GPKG" and cfg.simplify <= 0
+    min_area = min_area_pixels(cfg, grid)
     pending: list[dict] = []
     count = 0
     with atomic_path(output, overwrite=overwrite) as tmp:
@@ -469,20 +491,20 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
         def write(batches: list[dict]) -> None:
             nonlocal written
             feats = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else \
-                features(np.empty(0, dtype=object), [], georef)  # an all-nodata raster: a valid, empty layer
-            if opts.simplify > 0 and len(feats["wkb"]):
-                geoms = shapely.coverage_simplify(shapely.from_wkb(feats["wkb"]), opts.simplify)
-                feats["area_m2"], feats["perimeter_m"] = measures(geoms, georef.crs)
+                features(np.empty(0, dtype=object), [], grid)  # an all-nodata raster: a valid, empty layer
+            if cfg.simplify > 0 and len(feats["wkb"]):
+                geoms = shapely.coverage_simplify(shapely.from_wkb(feats["wkb"]), cfg.simplify)
+                feats["area_m2"], feats["perimeter_m"] = measures(geoms, grid.crs)
                 feats["wkb"] = shapely.to_wkb(geoms)
             names = np.array([classes.name_of(int(v)) for v in feats["class_id"]], dtype=object)
             # The raw writer takes the workers' WKB as it is; a GeoDataFrame would parse it and encode it again.
             write_raw(tmp, feats["wkb"], [feats["class_id"], names, feats["area_m2"], feats["perimeter_m"]],
-                              ["class_id", "class_name", "area_m2", "perimeter_m"], layer=opts.layer,
-                              driver=driver, geometry_type="MultiPolygon", promote_to_multi=True, crs=crs.to_wkt(),
+                              ["class_id", "class_name", "area_m2", "perimeter_m"], layer=cfg.layer,
+                              driver=driver, geometry_type="MultiPolygon", promote_to_multi=True, crs=grid.crs.to_wkt(),
                               encoding="UTF-8", append=written)
             written = True
 
-        for feats in polygon_features(str(raster), opts, georef, height, width, client=client):
+        for feats in polygon_features(str(raster), cfg, grid, min_area=min_area, client=client):
             count += len(feats["wkb"])
             if len(feats["wkb"]):
                 pending.append(feats)
@@ -492,5 +514,6 @@ def vectorize_classes(raster: Path, output: Path, opts: VectorizeOptions = Vecto
         if pending or not written:
             write(pending)
         if driver == "GPKG":
-            write_layer_style(tmp, opts.layer, qgis_vector_style(classes))
-    return {"path": str(output), "features": count, "blocks": sum(map(len, block_rows(height, width, opts.block)))}
+            write_layer_style(tmp, cfg.layer, qgis_vector_style(classes))
+    blocks = sum(map(len, block_rows(grid.height, grid.width, cfg.block)))
+    return {"path": str(output), "features": count, "blocks": blocks}

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 
 from geoseg._io import atomic_path, check_overwrite, remove, temporary_name
 from geoseg.classes import ClassMap
-from geoseg.read import RasterSpec
+from geoseg.grid import RasterGrid
 
 
 class RasterWriter:
@@ -27,7 +27,7 @@ class RasterWriter:
     def __init__(
         self,
         path: Path,
-        spec: RasterSpec,
+        grid: RasterGrid,
         dtype: str,
         nodata: float | None,
         *,
@@ -38,7 +38,7 @@ class RasterWriter:
         colormap: dict | None = None,
         tags: dict | None = None,
         description: str | None = None,
-    ):
+    ) -> None:
         self.path = Path(path)
         check_overwrite(self.path, overwrite)
         self.overwrite = overwrite
@@ -46,12 +46,12 @@ class RasterWriter:
         self._scratch = temporary_name(self.path.with_name(self.path.name + ".scratch"))
         profile = {
             "driver": "GTiff",
-            "width": spec.width,
-            "height": spec.height,
+            "width": grid.width,
+            "height": grid.height,
             "count": 1,
             "dtype": dtype,
-            "crs": spec.crs,
-            "transform": spec.transform,
+            "crs": grid.crs,
+            "transform": grid.transform,
             "nodata": nodata,
             "tiled": True,
             "blockxsize": 256,
@@ -71,6 +71,7 @@ class RasterWriter:
             self._ds.set_band_description(1, description)
 
     def write(self, window: Window, data: np.ndarray) -> None:
+        """Write one block."""
         self._ds.write(data, 1, window=window)
 
     def close(self) -> Path:
@@ -100,12 +101,12 @@ class RasterWriter:
         remove(self._scratch)
 
 
-def landcover_writer(path: Path, spec: RasterSpec, classes: ClassMap, nodata: int, *, compress: str,
+def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: int, *, compress: str,
                      overviews: bool, overwrite: bool) -> RasterWriter:
     """Writer for the class-id raster: uint8, colour table, class names in the metadata."""
     names = {str(c.id): c.name for c in classes}
     return RasterWriter(
-        path, spec, "uint8", nodata,
+        path, grid, "uint8", nodata,
         compress=compress, overviews=overviews, resampling="mode", overwrite=overwrite,
         colormap=classes.colormap(nodata),
         tags={"GEOSEG_CLASSES": json.dumps(classes.to_records()), "CLASS_NAMES": json.dumps(names)},
@@ -113,14 +114,14 @@ def landcover_writer(path: Path, spec: RasterSpec, classes: ClassMap, nodata: in
     )
 
 
-def confidence_writer(path: Path, spec: RasterSpec, dtype: str, *, compress: str, overviews: bool,
+def confidence_writer(path: Path, grid: RasterGrid, dtype: str, *, compress: str, overviews: bool,
                       overwrite: bool) -> RasterWriter:
     """Writer for the top-class probability: uint8 0-250 (255 nodata) or float16-valued float32."""
     # GeoTIFF has no float16 sample type in GDAL < 3.11; float16 values are stored in float32.
     out_dtype, nodata = ("uint8", 255) if dtype == "uint8" else ("float32", -1.0)
     scale = "probability x 250" if dtype == "uint8" else "probability"
     return RasterWriter(
-        path, spec, out_dtype, nodata,
+        path, grid, out_dtype, nodata,
         compress=compress, overviews=overviews, resampling="average", overwrite=overwrite,
         tags={"CONFIDENCE_SCALE": scale}, description="top class probability",
     )
@@ -136,7 +137,8 @@ def encode_confidence(conf: np.ndarray, valid: np.ndarray, dtype: str) -> np.nda
 def write_qgis_style(path: Path, classes: ClassMap, nodata: int) -> Path:
     """QGIS paletted style beside the raster (``landcover.qml``): QGIS loads it with the layer."""
     entries = "\n".join(
-        f'          <paletteEntry value="{c.id}" color="{c.hex}" alpha="255" label="{escape(c.name, {chr(34): "&quot;"})}"/>'
+        f'          <paletteEntry value="{c.id}" color="{c.hex}" alpha="255" '
+        f'label="{escape(c.name, {chr(34): "&quot;"})}"/>'
         for c in classes
     )
     qml = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>

@@ -37,15 +37,16 @@ def make_checkpoint(path: Path, *, architecture: str = "fcn", encoder: str = "no
     """An untrained but deterministic model saved as a geoseg checkpoint."""
     import torch
 
-    from geoseg.models import ModelSpec, create_model, save_checkpoint
+    from geoseg.models import ModelSpec, create_model, output_stride, save_checkpoint
 
     classes = classes or CLASSES
     bands = bands or [{"index": i + 1, "name": b} for i, b in enumerate(BANDS)]
     arch_kwargs = arch_kwargs if arch_kwargs is not None else {"depth": 4, "width": 12}
     torch.manual_seed(seed)
     model = create_model(architecture, encoder, len(bands), len(classes), **arch_kwargs).eval()
-    spec = ModelSpec(architecture, encoder, bands, [900.0] * len(bands), [700.0] * len(bands), classes, tile_size,
-                     arch_kwargs)
+    spec = ModelSpec(architecture=architecture, encoder=encoder, bands=bands, mean=[900.0] * len(bands),
+                     std=[700.0] * len(bands), classes=classes, tile_size=tile_size, arch_kwargs=arch_kwargs,
+                     output_stride=output_stride(model))
     return save_checkpoint(path, model, spec)
 
 

@@ -151,7 +151,8 @@ PIPELINE_PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
 
 @pytest.mark.parametrize("preset", [None, *PIPELINE_PRESETS])
 def test_shipped_pipeline_and_presets_validate(preset: str | None):
-    from geoseg.config import _merge, read_config_tree, read_yaml, validate
+    from geoseg.config import read_config_tree, read_yaml, validate
+    from geoseg.config.loader import _merge
 
     raw = read_yaml(ROOT / "pipelines" / "landcover.yaml")
     if preset:
@@ -182,3 +183,34 @@ def test_extends_errors(tmp_path):  # noqa: ANN001
     a.write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="a.yaml: extends: preset not found"):
         load_config(a)
+
+
+def test_path_keys_are_found_from_their_types_also_in_presets(tmp_path, sample_scene, fcn_checkpoint):
+    """ca_file/cert/key of a preset resolve against the preset's folder, like every Path-typed key."""
+    presets = tmp_path / "presets"
+    (presets / "certs").mkdir(parents=True)
+    for name in ("ca.pem", "me.pem"):
+        (presets / "certs" / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    (presets / "tls.yaml").write_text("cluster:\n  backend: address\n  address: tls://10.0.0.5:8786\n"
+                                      "  tls: {ca_file: certs/ca.pem, cert: certs/me.pem}\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"extends": "presets/tls.yaml", "input": str(sample_scene.image),
+                                    "model": str(fcn_checkpoint), "output_dir": "out"}))
+    cfg = load_config(path)
+    assert cfg.cluster.tls.ca_file == presets / "certs" / "ca.pem" and cfg.cluster.tls.cert == presets / "certs" / "me.pem"
+
+
+def test_unknown_architecture_is_refused_when_the_training_config_loads(tmp_path, monkeypatch):
+    """Before any training raster is read (they do not even exist here)."""
+    import geoseg.training_data
+    from geoseg.config import TrainConfig
+
+    monkeypatch.setattr(geoseg.training_data, "load_regions", lambda cfg: pytest.fail("rasters were read"))
+    (tmp_path / "a.tif").write_text("")
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({
+        "output": "m.safetensors", "model": {"architecture": "unet3"}, "bands": [{"index": 1, "name": "b"}],
+        "classes": [{"id": 1, "name": "a", "color": "#ff0000"}, {"id": 2, "name": "b", "color": "#00ff00"}],
+        "train": [{"image": "a.tif", "labels": "a.tif"}], "validation": {"window": {"row_off": 1}}}))
+    with pytest.raises(ConfigError, match=r"t.yaml: model.architecture: unknown architecture 'unet3'; available: unet"):
+        load_config(path, model=TrainConfig)

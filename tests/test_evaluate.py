@@ -14,11 +14,24 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 from shapely.geometry import shape
 from sklearn import metrics as skm
 
+from geoseg.config import EvaluateConfig
 from geoseg.errors import InputError
-from geoseg.evaluate import Reference, evaluate_iou
+from geoseg.evaluate import Metrics, evaluate_iou
 from tests.conftest import write_raster
 
-CLASSES = [{"id": i, "name": f"c{i}", "color": "#{:02x}8040".format(40 * i)} for i in (1, 2, 3, 4, 5)]
+
+def Reference(path, *, ignore=(), mapping=None, block=2048, **kw):  # noqa: ANN001, ANN003, N802 - the old helper's shape
+    """An EvaluateConfig as the tests build them."""
+    return EvaluateConfig(reference=path, ignore=list(ignore), mapping=mapping or {}, block=block, **kw)
+
+
+def scores(prediction, ref, client=None) -> dict:  # noqa: ANN001
+    """metrics.json of an evaluation."""
+    result = evaluate_iou(prediction, ref, client=client)
+    assert isinstance(result, Metrics)
+    return result.to_dict()
+
+CLASSES = [{"id": i, "name": f"c{i}", "color": f"#{40 * i:02x}8040"} for i in (1, 2, 3, 4, 5)]
 TRANSFORM = from_origin(600000.0, 5300000.0, 10.0, 10.0)
 
 
@@ -44,7 +57,7 @@ def pair(tmp_path):  # noqa: ANN001
 
 def test_metrics_equal_an_independent_computation(pair):  # noqa: ANN001
     pred_path, ref_path, pred, ref = pair
-    report = evaluate_iou(pred_path, Reference(ref_path, ignore=(9,)), block=37)
+    report = scores(pred_path, Reference(ref_path, ignore=(9,), block=37))
     keep = (pred != 255) & (ref != 0) & (ref != 9) & (ref != 7)
     y_true, y_pred = ref[keep], pred[keep]
     ids = [c["id"] for c in CLASSES]
@@ -74,14 +87,14 @@ def test_class_absent_from_both_maps_has_no_iou(tmp_path):  # noqa: ANN001
     a = np.array([[1, 1, 2, 2]], dtype="uint8")
     pred = write_raster(tmp_path / "p.tif", a, nodata=255, tags=tags)
     ref = write_raster(tmp_path / "r.tif", a, nodata=0)
-    report = evaluate_iou(pred, Reference(ref))
+    report = scores(pred, Reference(ref))
     assert [c["iou"] for c in report["classes"]] == [1.0, 1.0, None, None, None]
     assert report["mean_iou"] == 1.0 and report["mean_iou_classes"] == ["c1", "c2"]
 
 
 def test_mapping_several_codes_to_one_class(pair):  # noqa: ANN001
     pred_path, ref_path, pred, ref = pair
-    report = evaluate_iou(pred_path, Reference(ref_path, mapping={7: 5, 9: 5}))
+    report = scores(pred_path, Reference(ref_path, mapping={7: 5, 9: 5}))
     assert report["unmapped_reference_codes"] == {}
     keep = (pred != 255) & (ref != 0)
     assert report["classes"][4]["support"] == int(np.isin(ref[keep], [7, 9]).sum())
@@ -89,16 +102,17 @@ def test_mapping_several_codes_to_one_class(pair):  # noqa: ANN001
 
 def test_chunking_and_workers_do_not_change_the_numbers(pair, client):  # noqa: ANN001
     pred_path, ref_path, _, _ = pair
-    ref = Reference(ref_path, ignore=(9,))
-    base = evaluate_iou(pred_path, ref, block=2048)
+    base = scores(pred_path, Reference(ref_path, ignore=(9,), block=2048))
     for block in (16, 50, 171):
-        assert evaluate_iou(pred_path, ref, block=block) == base
-    assert evaluate_iou(pred_path, ref, block=40, client=client) == base
+        assert scores(pred_path, Reference(ref_path, ignore=(9,), block=block)) == base
+    assert scores(pred_path, Reference(ref_path, ignore=(9,), block=40), client=client) == base
+    parts = [evaluate_iou(pred_path, Reference(ref_path, ignore=(9,), block=b)) for b in (16, 50)]
+    assert parts[0].merge(parts[1]).pixels == 2 * base["pixels"]  # merging sums the counts
 
 
 def test_reference_in_another_crs_and_resolution(pair, tmp_path):  # noqa: ANN001
     pred_path, ref_path, _, ref = pair
-    native = evaluate_iou(pred_path, Reference(ref_path, ignore=(9,)))
+    native = scores(pred_path, Reference(ref_path, ignore=(9,)))
     with rasterio.open(ref_path) as src:
         transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height,
                                                                *src.bounds, resolution=6e-5)
@@ -106,7 +120,7 @@ def test_reference_in_another_crs_and_resolution(pair, tmp_path):  # noqa: ANN00
         reproject(ref, warped, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
                   dst_crs="EPSG:4326", resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)
     geo = write_raster(tmp_path / "ref4326.tif", warped, crs="EPSG:4326", transform=transform, nodata=0)
-    other = evaluate_iou(pred_path, Reference(geo, ignore=(9,)))
+    other = scores(pred_path, Reference(geo, ignore=(9,)))
     # Two nearest-neighbour resamplings move class edges by up to a pixel: on 9 px blocks that is a few %.
     assert other["pixels"] == pytest.approx(native["pixels"], rel=0.03)
     assert other["overall_accuracy"] == pytest.approx(native["overall_accuracy"], abs=0.03)
@@ -121,8 +135,8 @@ def test_vector_reference_equals_its_rasterized_twin(pair, tmp_path):  # noqa: A
                                                                           transform=src.transform)]
     gdf = gpd.GeoDataFrame(feats, crs="EPSG:32632")
     gdf.to_file(tmp_path / "ref.gpkg")
-    raster = evaluate_iou(pred_path, Reference(ref_path, ignore=(9,)), block=64)
-    vector = evaluate_iou(pred_path, Reference(tmp_path / "ref.gpkg", ignore=(9,)), block=64)
+    raster = scores(pred_path, Reference(ref_path, ignore=(9,), block=64))
+    vector = scores(pred_path, Reference(tmp_path / "ref.gpkg", ignore=(9,), block=64))
     for key in ("confusion_matrix", "mean_iou", "kappa", "unmapped_reference_codes"):
         assert vector[key] == raster[key]
 
@@ -143,9 +157,8 @@ def test_reference_problems_are_clear_errors(pair, tmp_path):  # noqa: ANN001
 
 
 def test_pipeline_stage_writes_reports_and_manifest(tmp_path, client, fcn_checkpoint, sample_scene):  # noqa: ANN001
-    from tests.conftest import pipeline_config
-
     from geoseg.pipeline import run_pipeline
+    from tests.conftest import pipeline_config
 
     cfg = pipeline_config(sample_scene.image, fcn_checkpoint, tmp_path / "o", tile={"size": 64, "overlap": 16},
                           evaluate={"reference": str(sample_scene.labels), "block": 100})

@@ -16,20 +16,22 @@ from geoseg.grid import TileGrid, blend_weights, blend_weights_1d, pad_to
 def test_chunk_cores_cover_scene_once_and_tiles_cover_cores(height, width, size, overlap_half, chunk_tiles):  # noqa: ANN001
     overlap = min(2 * overlap_half, size // 2 // 2 * 2)
     grid = TileGrid(height, width, size, overlap, chunk_tiles)
-    cover = np.zeros((height, width), dtype=int)
-    for (i, j), core in grid.chunk_windows():
-        r0, c0 = int(core.row_off), int(core.col_off)
-        cover[r0 : r0 + int(core.height), c0 : c0 + int(core.width)] += 1
-        ext = grid.extended_window(core)
-        assert ext.row_off == r0 - grid.halo and ext.col_off == c0 - grid.halo
-        tiles = np.zeros((int(ext.height), int(ext.width)), dtype=int)
-        for r, c in grid.tile_offsets(core):
-            assert r + size <= ext.height and c + size <= ext.width
-            tiles[r + grid.halo : r + grid.halo + grid.stride, c + grid.halo : c + grid.halo + grid.stride] += 1
-        # every core pixel lies in exactly one tile core
-        assert (tiles[grid.halo : grid.halo + int(core.height), grid.halo : grid.halo + int(core.width)] == 1).all()
-    assert (cover == 1).all()
-    assert sum(grid.dask_chunks()[0]) == height and sum(grid.dask_chunks()[1]) == width
+    chunks = np.zeros((height, width), dtype=int)
+    cores = np.zeros((height, width), dtype=int)
+    for (i, j), window in grid.chunk_windows():
+        chunks[window.toslices()] += 1
+        tiles = grid.tiles_of(i, j)
+        assert len(tiles) == grid.tiles_per_chunk()[i, j]
+        ext = grid.chunk_extent(i, j)
+        for t in tiles:
+            assert (t.window.width, t.window.height) == (size, size)
+            # the core lies inside the tile and inside the scene; the tile inside its chunk's extent
+            assert t.window.row_off <= t.core.row_off and t.core.row_off + t.core.height <= t.window.row_off + size
+            assert t.window.col_off <= t.core.col_off and t.core.col_off + t.core.width <= t.window.col_off + size
+            assert ext.row_off <= t.window.row_off and t.window.row_off + size <= ext.row_off + ext.height
+            cores[t.core.toslices()] += 1
+    # chunk windows and tile cores each cover every pixel of the scene exactly once
+    assert (chunks == 1).all() and (cores == 1).all()
 
 
 @given(size=st.integers(4, 128), overlap_half=st.integers(1, 32))
@@ -61,3 +63,13 @@ def test_chunk_window_is_clipped():
     grid = TileGrid(100, 50, 32, 8, 2)
     assert grid.chunk == 48 and grid.chunks_shape == (3, 2)
     assert grid.chunk_window(2, 1) == Window(48, 96, 2, 4)
+
+
+def test_raster_grid_bounds_and_pixel_area():
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from geoseg.grid import RasterGrid
+
+    g = RasterGrid(CRS.from_epsg(32632), Affine(10, 0, 600000, 0, -10, 5300000), 30, 20)
+    assert g.bounds == (600000, 5299700, 600200, 5300000) and g.pixel_area == 100 and g.shape == (30, 20)

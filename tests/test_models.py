@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -9,18 +10,41 @@ import pytest
 import torch
 
 from geoseg.errors import CheckpointError
-from geoseg.models import ARCHITECTURES, build_model, create_model, load_checkpoint, read_model_spec
+from geoseg.models import ARCHITECTURES, build_model, create_model, load_checkpoint, output_stride, read_model_spec
 from tests.conftest import make_checkpoint
 
 
 class ArchitectureContract:
-    """Every registered architecture builds, runs on a tile and round-trips through a checkpoint."""
+    """What every registered architecture must do (smp's ``BaseModelTester`` is the model).
+
+    Build, run a tile of a size its output stride allows with the expected output shape, report that stride
+    in the checkpoint header as the built network has it, round-trip through a checkpoint unchanged, and run
+    tiled through the pipeline on its own grid.
+    """
 
     architecture = ""
     encoder = "resnet18"
     kwargs: dict = {}
+    stride = 32
+    """The output stride smp's encoder really has (not 2 ** depth: dilated encoders keep 16 or 8)."""
+    min_side = 64
+    """Smallest tile the network runs on (PAN's pyramid attention pools its deepest features 8x more)."""
 
-    def test_round_trip_gives_identical_outputs(self, tmp_path):  # noqa: ANN001
+    def test_builds_and_gives_one_score_per_class_and_pixel(self):
+        model = create_model(self.architecture, self.encoder, 4, 6, **self.kwargs).eval()
+        side = max(self.min_side, 2 * self.stride)
+        with torch.inference_mode():
+            out = model(torch.randn(2, 4, side, side + self.stride))
+        assert out.shape == (2, 6, side, side + self.stride)
+
+    def test_output_stride_is_the_networks_own(self, tmp_path):
+        model = create_model(self.architecture, self.encoder, 4, 6, **self.kwargs)
+        assert output_stride(model) == self.stride
+        spec = read_model_spec(make_checkpoint(tmp_path / "m.safetensors", architecture=self.architecture,
+                                               encoder=self.encoder, arch_kwargs=self.kwargs))
+        assert spec.output_stride == self.stride
+
+    def test_round_trip_gives_identical_outputs(self, tmp_path):
         path = make_checkpoint(tmp_path / "m.safetensors", architecture=self.architecture, encoder=self.encoder,
                                arch_kwargs=self.kwargs)
         spec, state = load_checkpoint(path)
@@ -28,19 +52,59 @@ class ArchitectureContract:
         torch.manual_seed(0)
         original = create_model(self.architecture, self.encoder, 4, 6, **self.kwargs).eval()
         restored = build_model(spec, state)
-        x = torch.randn(1, 4, 64, 64)
+        x = torch.randn(1, 4, self.min_side, self.min_side)
         with torch.inference_mode():
             assert torch.equal(original(x), restored(x))
+
+    def test_runs_tiled_on_its_stride(self, tmp_path):
+        """Tiled in memory exactly as ``geoseg run`` tiles; the fcn (receptive field < halo) equals full frame."""
+        from geoseg.config import SegmentConfig
+        from geoseg.segment import predict_array
+
+        path = make_checkpoint(tmp_path / "m.safetensors", architecture=self.architecture, encoder=self.encoder,
+                               arch_kwargs=self.kwargs)
+        spec, state = load_checkpoint(path)
+        model = build_model(spec, state)
+        size = max(self.min_side, 2 * self.stride)
+        # crop: each pixel from the tile whose core holds it, whose context (halo 8) covers the fcn's field (3)
+        cfg = SegmentConfig(model=path, tile={"size": size, "overlap": 16}, stitch={"blend": "crop"})
+        x = np.random.default_rng(0).normal(size=(4, 90, 77)).astype(np.float32)
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(batch))), 1).numpy()
+
+        tiled = predict_array(predict, x, np.ones((90, 77), bool), spec, cfg)
+        assert tiled.shape == (90, 77) and tiled.min() >= 0 and tiled.max() < 6
+        if self.architecture == "fcn":
+            with torch.inference_mode():
+                full = model(torch.from_numpy(x)[None]).argmax(1)[0].numpy()
+            assert np.array_equal(tiled[8:-8, 8:-8], full[8:-8, 8:-8])
 
 
 class TestUnet(ArchitectureContract):
     architecture = "unet"
     kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+    stride = 8
+
+
+class TestUnetPlusPlus(ArchitectureContract):
+    architecture = "unetplusplus"
+    kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+    stride = 8
 
 
 class TestFPN(ArchitectureContract):
     architecture = "fpn"
-    kwargs = {"encoder_depth": 3, "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}
+    # FPN's head upsamples 4x, right for depth 5 only: with depth 3 its output would be 4x the input
+    kwargs = {"encoder_depth": 3, "upsampling": 1, "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}
+    stride = 8
+
+
+class TestDeepLabV3Plus(ArchitectureContract):
+    architecture = "deeplabv3plus"
+    kwargs = {"decoder_channels": 32}
+    stride = 16  # dilated: depth 5 would guess 32
 
 
 class TestSegformer(ArchitectureContract):
@@ -48,10 +112,58 @@ class TestSegformer(ArchitectureContract):
     kwargs = {"decoder_segmentation_channels": 16}
 
 
+class TestLinknet(ArchitectureContract):
+    architecture = "linknet"
+    kwargs = {"encoder_depth": 3}
+    stride = 8
+
+
+class TestMAnet(ArchitectureContract):
+    architecture = "manet"
+    kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 8], "decoder_pab_channels": 8}
+    stride = 8
+
+
+class TestPAN(ArchitectureContract):
+    architecture = "pan"
+    kwargs = {"decoder_channels": 16}
+    stride = 16
+    min_side = 128
+
+
+class TestUPerNet(ArchitectureContract):
+    architecture = "upernet"
+    kwargs = {"decoder_channels": 16}
+
+
 class TestPixelFCN(ArchitectureContract):
     architecture = "fcn"
     encoder = "none"
     kwargs = {"depth": 3, "width": 8}
+    stride = 1
+
+
+def test_a_network_whose_output_is_not_the_input_size_is_refused():
+    with pytest.raises(CheckpointError, match=r"fpn/resnet18: gives 512 x 512 scores for a 128 x 128 tile; .* set upsampling: 2 \*\* \(d - 3\)"):
+        create_model("fpn", "resnet18", 4, 6, encoder_depth=3)
+
+
+def test_every_registered_architecture_has_its_contract_test():
+    tested = {cls.architecture for cls in ArchitectureContract.__subclasses__()}
+    assert tested == set(ARCHITECTURES)
+
+
+def test_a_dilated_model_takes_tiles_of_its_real_stride(tmp_path, client, sample_scene):
+    """DeepLabV3+ has output stride 16; the old 2 ** depth guess (32) refused a 48 px tile it runs fine."""
+    from geoseg.pipeline import check_model_fits, run_pipeline
+    from tests.conftest import pipeline_config
+
+    ckpt = make_checkpoint(tmp_path / "d.safetensors", architecture="deeplabv3plus", encoder="resnet18",
+                           arch_kwargs={"decoder_channels": 16})
+    cfg = pipeline_config(sample_scene.image, ckpt, tmp_path / "o", tile={"size": 48, "overlap": 16},
+                          vectorize={"enabled": False})
+    check_model_fits(cfg, read_model_spec(ckpt), "test")
+    assert run_pipeline(cfg, client=client).landcover.exists()
 
 
 def test_registry_covers_the_required_architectures():
@@ -70,8 +182,8 @@ def test_unknown_encoder_suggests_names():
 
 def test_spec_is_readable_without_weights(fcn_checkpoint):  # noqa: ANN001
     spec = read_model_spec(fcn_checkpoint)
-    assert [b["name"] for b in spec.bands] == ["blue", "green", "red", "nir"]
-    assert spec.class_map.names[0] == "water" and spec.mean == [900.0] * 4 and spec.output_stride == 1
+    assert spec.band_names == ["blue", "green", "red", "nir"]
+    assert spec.classes.names[0] == "water" and spec.mean == (900.0,) * 4 and spec.output_stride == 1
 
 
 def test_pickle_carrying_code_is_refused_without_running_it(tmp_path):  # noqa: ANN001
@@ -134,3 +246,41 @@ def test_checkpoint_predictions_identical_after_reload(fcn_checkpoint):  # noqa:
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 4, 40, 40)).astype(np.float32))
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
+
+
+def _with_header(tmp_path, source, header: dict):  # noqa: ANN001
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / "h.safetensors"
+    save_file(state, str(path), metadata={"geoseg": json.dumps(header)})
+    return path
+
+
+def test_a_first_wave_checkpoint_still_loads(tmp_path, unet_checkpoint):
+    """Version 1 headers (no output stride, bands as plain records) load; the stride is read off the network."""
+    header = json.loads(read_model_spec(unet_checkpoint).to_json())
+    header["version"] = 1
+    del header["output_stride"]
+    spec = read_model_spec(_with_header(tmp_path, unet_checkpoint, header))
+    assert spec.output_stride == 8 and spec.band_names == ["blue", "green", "red", "nir"]
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"mean": 0}, "mean"),
+    ({"bands": [{"name": "blue"}] * 4}, "bands.0.index"),
+    ({"classes": 7}, "classes"),
+    ({"arch_kwargs": {"encoder_depth": "five", "decoder_channels": [32, 16, 8]}}, "arch_kwargs"),
+    ({"classes": [{"id": 300, "name": "x", "color": "#000000"}]}, "classes"),
+    ({"classes": [{"id": 1, "name": "x", "color": [0, 0, 999]}]}, "classes"),
+    ({"architecture": "unet3"}, "architecture"),
+    ({"std": [0.0] * 4}, "std"),
+])
+def test_malformed_headers_are_one_line_errors_naming_the_field(tmp_path, unet_checkpoint, change, field):
+    header = json.loads(read_model_spec(unet_checkpoint).to_json()) | change
+    path = _with_header(tmp_path, unet_checkpoint, header)
+    with pytest.raises(CheckpointError, match=rf"h.safetensors: not a valid geoseg checkpoint: {field}\b") as info:
+        read_model_spec(path)
+    assert "\n" not in str(info.value)

@@ -24,7 +24,7 @@ def full_frame(checkpoint, image: np.ndarray, valid: np.ndarray) -> np.ndarray: 
     x[:, ~valid] = 0
     with torch.inference_mode():
         index = model(torch.from_numpy(x)[None]).argmax(1)[0].numpy()
-    return spec.class_map.index_to_id()[index]
+    return spec.classes.index_to_id()[index]
 
 
 def read(path):  # noqa: ANN001
@@ -113,7 +113,7 @@ def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_
     from distributed import Client, LocalCluster
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    import geoseg.pipeline as pipeline
+    import geoseg.segment as segment
 
     class Record(SchedulerPlugin):
         def __init__(self, scheduler) -> None:  # noqa: ANN001
@@ -125,8 +125,8 @@ def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_
             if ts is not None and str(key).startswith("geoseg-infer"):
                 self.seen[str(key)] = (ts.priority, ts.resource_restrictions)
 
-    as_if_cuda = pipeline._infer_annotations
-    monkeypatch.setattr(pipeline, "_infer_annotations", lambda device, n: as_if_cuda("cuda", n))
+    as_if_cuda = segment.infer_annotations
+    monkeypatch.setattr(segment, "infer_annotations", lambda device, n: as_if_cuda("cuda", n))
     src_path, _ = random_scene(tmp_path, (200, 130))
     # tile 64, overlap 16, chunk_tiles 2: stride 48, chunks of 96 px; 200 x 130 -> 3 x 2 chunks holding
     # 2, 2, 1 (rows: 96, 96, 8 px) x 2, 1 (cols: 96, 34 px) tiles
@@ -191,12 +191,12 @@ def test_nodata_override_for_rasters_without_nodata(tmp_path, client, fcn_checkp
 
 
 def test_all_nodata_scene_skips_the_model(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001
-    import geoseg.infer
+    import geoseg.segment.predict
 
     def boom(*a, **k):  # noqa: ANN002, ANN003
         raise AssertionError("the model must not run on an all-nodata scene")
 
-    monkeypatch.setattr(geoseg.infer.Predictor, "predict", boom)
+    monkeypatch.setattr(geoseg.segment.predict.Predictor, "predict", boom)
     src = write_raster(tmp_path / "e.tif", np.zeros((4, 70, 90), dtype="uint16"), nodata=0)
     result = run_pipeline(pipeline_config(src, fcn_checkpoint, tmp_path / "o", tile={"size": 32, "overlap": 8}),
                           client=client)
@@ -257,12 +257,12 @@ def test_existing_output_is_not_overwritten_unless_asked(tmp_path, client, fcn_c
 
 
 def test_failed_run_leaves_no_output_that_looks_complete(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001
-    import geoseg.stitch
+    import geoseg.segment.tasks
 
     def broken(*a, **k):  # noqa: ANN002, ANN003
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(geoseg.stitch, "classify", broken)
+    monkeypatch.setattr(geoseg.segment.tasks, "classify", broken)
     src, _ = random_scene(tmp_path, (40, 40))
     out_dir = tmp_path / "o"
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -334,15 +334,16 @@ def test_band_order_mismatch_is_refused_with_the_fix(tmp_path, fcn_checkpoint): 
 
 
 def test_tta_averages_the_logits_of_the_flips(fcn_checkpoint):  # noqa: ANN001
-    from geoseg.infer import ModelKey, Predictor
+    from geoseg.fingerprint import model_digest
+    from geoseg.segment.predict import ModelKey, Predictor
 
-    pred = Predictor(ModelKey(str(fcn_checkpoint), "cpu", "fp32", False, True, 2, 1))
+    pred = Predictor(ModelKey(str(fcn_checkpoint), model_digest(fcn_checkpoint), "cpu", "fp32", False))
     x = np.random.default_rng(3).normal(size=(3, 4, 24, 24)).astype(np.float32)
     t = torch.from_numpy(x)
     with torch.inference_mode():
         m = pred.model
         logits = (m(t) + m(t.flip(-1)).flip(-1) + m(t.flip(-2)).flip(-2) + m(t.flip(-2, -1)).flip(-2, -1)) / 4
-    assert np.allclose(pred.predict(x), torch.softmax(logits, 1).numpy(), atol=1e-5)
+    assert np.allclose(pred.predict(x, batch_size=2, tta=True, threads=1), torch.softmax(logits, 1).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("scene,bands", [("nc-landsat7/scene.tif", 6), ("flair2/IMG_000473.tif", 5)],

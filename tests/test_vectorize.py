@@ -8,17 +8,19 @@ import sqlite3
 import geopandas as gpd
 import numpy as np
 import pytest
-import rasterio
 import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rasterio.crs import CRS
 from rasterio.features import rasterize, shapes
 from rasterio.transform import from_origin
 
-from geoseg.vectorize import Georef, VectorizeOptions, polygon_features, sieve_block, vectorize_classes
+from geoseg.config import VectorizeConfig
+from geoseg.grid import RasterGrid
+from geoseg.vectorize import polygon_features, sieve_block, vectorize_classes
 from tests.conftest import write_raster
 
-CLASSES = [{"id": i, "name": f"c{i}", "color": "#{:02x}{:02x}40".format(50 * i, 255 - 40 * i)} for i in (1, 2, 3, 4)]
+CLASSES = [{"id": i, "name": f"c{i}", "color": f"#{50 * i:02x}{255 - 40 * i:02x}40"} for i in (1, 2, 3, 4)]
 TAGS = {"GEOSEG_CLASSES": json.dumps(CLASSES)}
 
 
@@ -43,9 +45,10 @@ GRID = from_origin(1e3, 1e3, 1, 1)
 def chunked_polygons(data: np.ndarray, block: int, connectivity: int, tmp_path) -> list:  # noqa: ANN001
     """Polygons as the chunked driver makes them: blocks polygonized, merged row by row, unioned on threads."""
     path = write_raster(tmp_path / "h.tif", data.astype("uint8"), nodata=255, transform=GRID)
-    opts = VectorizeOptions(connectivity=connectivity, block=block)
+    cfg = VectorizeConfig(connectivity=connectivity, block=block)
     out = []
-    for feats in polygon_features(str(path), opts, Georef(GRID, "EPSG:32632"), *data.shape, lookahead=3):
+    grid = RasterGrid(CRS.from_epsg(32632), GRID, *data.shape)
+    for feats in polygon_features(str(path), cfg, grid, lookahead=3):
         out += list(zip(shapely.from_wkb(feats["wkb"]), feats["class_id"].tolist()))
     return out
 
@@ -91,7 +94,7 @@ def test_polygons_rasterize_back_to_the_labels(tmp_path):  # noqa: ANN001
     transform = from_origin(350000.0, 6000000.0, 2.5, 2.5)
     src = labels_raster(tmp_path, data, transform=transform)
     out = tmp_path / "v.gpkg"
-    info = vectorize_classes(src, out, VectorizeOptions(block=32))
+    info = vectorize_classes(src, out, VectorizeConfig(block=32))
     gdf = gpd.read_file(out, layer="landcover")
     assert len(gdf) == info["features"] and gdf.geometry.is_valid.all()
     back = rasterize(zip(gdf.geometry, gdf.class_id), out_shape=data.shape, transform=transform, fill=255,
@@ -106,7 +109,7 @@ def test_polygons_rasterize_back_to_the_labels(tmp_path):  # noqa: ANN001
 def test_geopackage_has_spatial_index_and_qgis_style(tmp_path):  # noqa: ANN001
     src = labels_raster(tmp_path, random_labels(1))
     out = tmp_path / "v.gpkg"
-    vectorize_classes(src, out, VectorizeOptions(layer="lc", block=40))
+    vectorize_classes(src, out, VectorizeConfig(layer="lc", block=40))
     con = sqlite3.connect(out)
     styles = con.execute("SELECT f_table_name, styleQML, useAsDefault FROM layer_styles").fetchall()
     index = con.execute("SELECT count(*) FROM gpkg_extensions WHERE extension_name = 'gpkg_rtree_index'").fetchone()
@@ -122,8 +125,8 @@ def test_simplification_keeps_a_clean_coverage(tmp_path):  # noqa: ANN001
     data = ((r + 2 * c) // 25) % 4 + 1  # staircase edges, which simplification straightens
     data[(r - 60) ** 2 + (c - 50) ** 2 < 30**2] = 2
     src = labels_raster(tmp_path, data)
-    raw = gpd.read_file(vectorize_classes(src, tmp_path / "raw.gpkg", VectorizeOptions(block=32))["path"], layer="landcover")
-    simple = gpd.read_file(vectorize_classes(src, tmp_path / "s.gpkg", VectorizeOptions(block=32, simplify=15.0))["path"],
+    raw = gpd.read_file(vectorize_classes(src, tmp_path / "raw.gpkg", VectorizeConfig(block=32))["path"], layer="landcover")
+    simple = gpd.read_file(vectorize_classes(src, tmp_path / "s.gpkg", VectorizeConfig(block=32, simplify=15.0))["path"],
                            layer="landcover")
     assert simple.geometry.is_valid.all() and len(simple) == len(raw)
     assert shapely.get_num_coordinates(simple.geometry.values).sum() < shapely.get_num_coordinates(raw.geometry.values).sum()
@@ -140,7 +143,7 @@ def test_minimum_mapping_unit_is_seamless_and_removes_small_patches(tmp_path):  
     src = labels_raster(tmp_path, data)
     for block in (64, 100):
         out = tmp_path / f"m{block}.gpkg"
-        vectorize_classes(src, out, VectorizeOptions(block=block, min_area_px=6))
+        vectorize_classes(src, out, VectorizeConfig(block=block, min_area_px=6))
         gdf = gpd.read_file(out, layer="landcover")
         back = rasterize(zip(gdf.geometry, gdf.class_id), out_shape=data.shape,
                          transform=from_origin(600000.0, 5300000.0, 10.0, 10.0), fill=255, dtype="uint8")
@@ -159,7 +162,7 @@ def test_geographic_crs_areas_in_square_metres(tmp_path):  # noqa: ANN001
 
 def test_other_formats_and_errors(tmp_path):  # noqa: ANN001
     src = labels_raster(tmp_path, random_labels(2, (40, 40)))
-    info = vectorize_classes(src, tmp_path / "v.fgb", VectorizeOptions(block=16))
+    info = vectorize_classes(src, tmp_path / "v.fgb", VectorizeConfig(block=16))
     assert len(gpd.read_file(info["path"])) == info["features"]
     from geoseg.errors import InputError, OutputExistsError
 
@@ -176,8 +179,8 @@ def test_dask_workers_give_the_same_layer_as_local_threads(tmp_path, client, mon
 
     monkeypatch.setattr(geoseg.vectorize, "_SCATTER_BYTES", 0)  # the large-group path: groups scattered first
     src = labels_raster(tmp_path, random_labels(3, (90, 70)))
-    local = gpd.read_file(vectorize_classes(src, tmp_path / "local.gpkg", VectorizeOptions(block=16))["path"])
-    dist = gpd.read_file(vectorize_classes(src, tmp_path / "dask.gpkg", VectorizeOptions(block=16),
+    local = gpd.read_file(vectorize_classes(src, tmp_path / "local.gpkg", VectorizeConfig(block=16))["path"])
+    dist = gpd.read_file(vectorize_classes(src, tmp_path / "dask.gpkg", VectorizeConfig(block=16),
                                            client=client)["path"])
     for gdf in (local, dist):
         gdf[["minx", "miny", "maxx", "maxy"]] = gdf.geometry.bounds
@@ -187,3 +190,28 @@ def test_dask_workers_give_the_same_layer_as_local_threads(tmp_path, client, mon
     assert (local[key + ["class_name"]] == dist[key + ["class_name"]]).all().all()
     assert all(shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0)
                for a, b in zip(local.geometry, dist.geometry))
+
+
+def test_a_mapping_unit_larger_than_the_block_stays_exact(tmp_path):
+    """The halo is 2 * unit + 2 whatever the block (it used to be cut to the block, silently)."""
+    data = np.ones((40, 400), dtype=np.uint8)
+    data[20, 50:350] = 2  # a 300 px line: large for a 200 px unit, so it stays; a block sees it whole only with the halo
+    data[5, 10:40] = 3  # a 30 px patch: small, it goes
+    src = labels_raster(tmp_path, data)
+    out = tmp_path / "u.gpkg"
+    vectorize_classes(src, out, VectorizeConfig(block=64, min_area_px=200))
+    gdf = gpd.read_file(out, layer="landcover")
+    back = rasterize(zip(gdf.geometry, gdf.class_id), out_shape=data.shape,
+                     transform=from_origin(600000.0, 5300000.0, 10.0, 10.0), fill=255, dtype="uint8")
+    expected = sieve_block(data, np.ones(data.shape, bool), 200, 4)
+    assert (expected[20, 50:350] == 2).all() and (expected[5, 10:40] == 1).all()
+    assert np.array_equal(back, expected)
+
+
+def test_a_mapping_unit_too_large_to_read_is_refused(tmp_path):
+    from geoseg.errors import ConfigError
+
+    src = labels_raster(tmp_path, np.ones((10, 10), dtype=np.uint8))
+    with pytest.raises(ConfigError, match=r"vectorize.min_area_px: a minimum mapping unit of 20000 px needs 40002 px"):
+        vectorize_classes(src, tmp_path / "x.gpkg", VectorizeConfig(min_area_px=20000))
+    assert not (tmp_path / "x.gpkg").exists()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
+
+from geoseg.config import EvaluateConfig
+
+_DEFAULTS = EvaluateConfig.model_fields
 
 
 def _pairs(values: tuple[str, ...]) -> dict[int, int]:
     out = {}
     for item in values:
-        code, sep, cid = item.partition("=")
+        code, _, cid = item.partition("=")
         try:
             out[int(code)] = int(cid)
         except ValueError:
@@ -23,15 +28,17 @@ def _pairs(values: tuple[str, ...]) -> dict[int, int]:
 @click.argument("reference", type=click.Path(path_type=str))
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Write metrics.json, metrics.csv, report.md and figures here (default: print JSON).")
-@click.option("--attribute", default="class", show_default=True, help="Class attribute of a vector reference.")
+@click.option("--attribute", default=None, help=f"Class attribute of a vector reference [default: "
+              f"{_DEFAULTS['attribute'].default}].")
 @click.option("--layer", default=None, help="Layer of a multi-layer vector reference.")
 @click.option("--map", "mapping", multiple=True, metavar="CODE=ID", help="Map a reference code to a class id.")
 @click.option("--ignore", multiple=True, type=int, metavar="CODE", help="Reference code to leave out.")
 @click.option("--nodata", type=float, default=None, help="Reference nodata value (overrides the file's).")
-@click.option("--block", type=click.IntRange(16), default=2048, show_default=True, help="Window side for streaming.")
+@click.option("--block", type=int, default=None, help=f"Window side for streaming [default: "
+              f"{_DEFAULTS['block'].default}].")
 @click.option("--overwrite", is_flag=True, help="Replace existing report files.")
-def command(prediction: str, reference: str, out_dir: str | None, attribute: str, layer: str | None,
-            mapping: tuple[str, ...], ignore: tuple[int, ...], nodata: float | None, block: int,
+def command(prediction: str, reference: str, out_dir: str | None, attribute: str | None, layer: str | None,
+            mapping: tuple[str, ...], ignore: tuple[int, ...], nodata: float | None, block: int | None,
             overwrite: bool) -> None:
     """Confusion matrix, per-class IoU/precision/recall/F1, mIoU, OA and kappa of PREDICTION vs REFERENCE.
 
@@ -39,14 +46,17 @@ def command(prediction: str, reference: str, out_dir: str | None, attribute: str
     """
     from pathlib import Path
 
-    from geoseg.evaluate import Reference, evaluate_iou
+    from geoseg.config import validate
+    from geoseg.evaluate import evaluate_iou
     from geoseg.report import write_reports
 
-    ref = Reference(Path(reference), attribute, _pairs(mapping), tuple(ignore), nodata, layer)
-    report = evaluate_iou(Path(prediction), ref, block=block)
+    flags: dict[str, Any] = {"reference": reference, "attribute": attribute, "layer": layer,
+                             "mapping": _pairs(mapping), "ignore": list(ignore), "nodata": nodata, "block": block}
+    cfg = validate(EvaluateConfig, {k: v for k, v in flags.items() if v is not None}, "geoseg evaluate", None)
+    metrics = evaluate_iou(Path(prediction), cfg)
     if out_dir is None:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(metrics.to_dict(), indent=2))
         return
-    paths = write_reports(report, Path(out_dir), overwrite=overwrite)
-    click.echo(f"mIoU {report['mean_iou']:.4f}, overall accuracy {report['overall_accuracy']:.4f}; "
+    paths = write_reports(metrics, Path(out_dir), overwrite=overwrite)
+    click.echo(f"mIoU {metrics.mean_iou:.4f}, overall accuracy {metrics.overall_accuracy:.4f}; "
                f"wrote {paths['report']}", err=True)

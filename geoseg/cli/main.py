@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from geoseg import __version__
+from geoseg._version import __version__
 from geoseg.errors import GeosegError
 
 _STATE = {"verbose": False}

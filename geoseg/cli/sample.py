@@ -15,7 +15,8 @@ from geoseg.cli.options import overwrite_option
 @click.option("--crs", default="EPSG:32631", show_default=True, help="Projected CRS of the scene.")
 @click.option("--resolution", default=10.0, show_default=True, type=float, help="Pixel size in CRS units.")
 @overwrite_option
-def command(out_dir: str, size: int, width: int | None, seed: int, crs: str, resolution: float, overwrite: bool) -> None:
+def command(out_dir: str, size: int, width: int | None, seed: int, crs: str, resolution: float,
+            overwrite: bool) -> None:
     """Write OUT_DIR/scene.tif (4-band uint16) and OUT_DIR/labels.tif (land-cover classes)."""
     from rasterio.errors import CRSError
 

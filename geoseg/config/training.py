@@ -1,0 +1,183 @@
+"""The `geoseg train` configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from geoseg.classes import parse_color
+from geoseg.config._base import _Config, existing_file
+from geoseg.config.pipeline import StitchConfig, TileConfig
+from geoseg.registry import ARCHITECTURES, check_architecture
+
+
+class SceneConfig(_Config):
+    """An image with its label raster on the same grid."""
+
+    image: Path
+    labels: Path
+
+
+    @field_validator("image", "labels")
+    @classmethod
+    def _must_exist(cls, v: Path) -> Path:
+        return existing_file(v)
+
+
+class BandConfig(_Config):
+    """One input band of the model."""
+
+    index: int = Field(ge=1, description="1-based band index in the training rasters.")
+    name: str = Field(description="Band name stored in the checkpoint (e.g. red, nir).")
+
+
+class ClassConfig(_Config):
+    """One output class and the label codes that map to it."""
+
+    id: int = Field(ge=0, le=254, description="Class id written to the output raster.")
+    name: str
+    color: str | list[int] = Field(description="#rrggbb or [r, g, b].")
+    codes: list[int] = Field(default_factory=list, description="Label codes mapped to this class; default [id].")
+
+    @field_validator("color")
+    @classmethod
+    def _valid_color(cls, v: str | list[int]) -> str | list[int]:
+        parse_color(v)
+        return v
+
+    @property
+    def label_codes(self) -> list[int]:
+        """Label codes mapped to this class."""
+        return self.codes or [self.id]
+
+
+class WindowConfig(_Config):
+    """A pixel window: rows ``row_off``.. and columns ``col_off``.. (rasterio vocabulary)."""
+
+    row_off: int = Field(0, ge=0)
+    col_off: int = Field(0, ge=0)
+    height: int | None = Field(None, gt=0, description="Rows; default: to the bottom edge of the scene.")
+    width: int | None = Field(None, gt=0, description="Columns; default: to the right edge of the scene.")
+
+
+class ValidationConfig(_Config):
+    """Held-out data: separate scenes and/or a window of the training scenes excluded from training."""
+
+    scenes: list[SceneConfig] = Field(default_factory=list)
+    window: WindowConfig | None = Field(None, description="Area of each training scene used only for validation.")
+    tile: TileConfig = Field(default_factory=TileConfig, description="Tiling of the validation predictions: the "
+                             "pipeline's (geoseg run) by default, so checkpoints are chosen on what users run.")
+    stitch: StitchConfig = Field(default_factory=StitchConfig)
+
+
+class ModelConfig(_Config):
+    """Network to train: an smp architecture and encoder."""
+
+    architecture: str = Field("unet", description="Architecture: " + ", ".join(ARCHITECTURES) + ".")
+    encoder: str = Field("resnet18", description="smp encoder name (no pretrained weights are downloaded).")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                        description="Extra smp keyword arguments, e.g. encoder_depth.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return check_architecture(v)
+
+
+LossName = Literal["ce", "dice", "focal", "ce+dice", "focal+dice"]
+
+
+class LossConfig(_Config):
+    """Training loss; label codes in ``ignore_codes`` (and nodata) never contribute."""
+
+    name: LossName = Field("ce", description="ce (cross-entropy), dice, focal, or a sum: ce+dice, focal+dice.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="'balanced': inverse class frequency of the training pixels (scikit-learn's rule), or "
+        "one weight per class in class order.",
+    )
+    focal_gamma: float = Field(2.0, ge=0, description="Focusing parameter of the focal loss.")
+    second_weight: float = Field(1.0, ge=0, description="Weight of the second term of a sum (the dice in ce+dice).")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _non_negative(cls, v: str | list[float]) -> str | list[float]:
+        if isinstance(v, list) and (not v or min(v) < 0):
+            raise ValueError("weights must be a non-empty list of numbers >= 0")
+        return v
+
+
+class SamplingConfig(_Config):
+    """How training windows are drawn from the training area."""
+
+    class_balanced: bool = Field(
+        False, description="Centre each window near a pixel of a class drawn uniformly from the classes present, "
+        "so rare classes are seen as often as common ones.",
+    )
+    min_labelled: float = Field(0.5, gt=0, le=1, description="Least fraction of labelled, valid pixels in a window.")
+
+
+class AugmentConfig(_Config):
+    """Augmentations for overhead imagery (applied to training windows only)."""
+
+    flips: bool = Field(True, description="Random horizontal and vertical flips.")
+    rotate90: bool = Field(True, description="Random rotations by multiples of 90 degrees.")
+    brightness: float = Field(0.0, ge=0, description="Per-band additive jitter in band standard deviations (e.g. 0.1).")
+    contrast: float = Field(0.0, ge=0, lt=1, description="Per-band multiplicative jitter: x (1 +- contrast).")
+    scale: float = Field(0.0, ge=0, lt=1, description="Scale jitter: windows resampled by a factor in "
+                         "[1 - scale, 1 + scale] (bilinear image, nearest labels); 0: off.")
+
+
+class TrainConfig(_Config):
+    """A `geoseg train` run."""
+
+    output: Path = Field(description="Checkpoint to write (.safetensors).")
+    overwrite: bool = False
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    bands: list[BandConfig] = Field(min_length=1)
+    classes: list[ClassConfig] = Field(min_length=2)
+    ignore_codes: list[int] = Field(default_factory=list, description="Label codes excluded from the loss and metrics.")
+    train: list[SceneConfig] = Field(min_length=1)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tile_size: int = Field(128, gt=0, description="Training window side in pixels.")
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["onecycle", "cosine"] = Field(
+        "onecycle",
+        description="Learning-rate schedule over all steps: one-cycle (warm-up then anneal) or cosine decay.",
+    )
+    grad_clip: float = Field(5.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
+    patience: int | None = Field(
+        None, ge=1, description="Early stopping: stop after this many epochs without a better validation mIoU."
+    )
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' trains on CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 on CPU."
+    )
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"class ids must be unique (got {ids})")
+        codes = [code for c in self.classes for code in c.label_codes]
+        if len(set(codes)) != len(codes):
+            raise ValueError("a label code is mapped to two classes")
+        if set(codes) & set(self.ignore_codes):
+            raise ValueError("a label code is both mapped to a class and ignored")
+        if not self.validation.scenes and self.validation.window is None:
+            raise ValueError("validation needs scenes or a window (a held-out area, never random pixels)")
+        weights = self.loss.class_weights
+        if isinstance(weights, list) and len(weights) != len(self.classes):
+            raise ValueError(f"loss.class_weights: {len(weights)} weights for {len(self.classes)} classes")
+        return self

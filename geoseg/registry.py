@@ -1,0 +1,29 @@
+"""Names of the model architectures geoseg builds: plain data, importable without torch.
+
+The configuration validates ``model.architecture`` against this table when it loads; :mod:`geoseg.models`
+builds the networks from it.
+"""
+
+from __future__ import annotations
+
+#: Registry name -> smp class name (smp's own lower-case architecture keys); ``fcn`` is geoseg's own.
+ARCHITECTURES: dict[str, str] = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "fpn": "FPN",
+    "deeplabv3plus": "DeepLabV3Plus",
+    "segformer": "Segformer",
+    "linknet": "Linknet",
+    "manet": "MAnet",
+    "pan": "PAN",
+    "upernet": "UPerNet",
+    "fcn": "geoseg.models:PixelFCN",
+}
+
+
+def check_architecture(name: str) -> str:
+    """The registry key of ``name`` (case-insensitive); an unknown name lists the choices."""
+    key = name.lower()
+    if key not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(ARCHITECTURES)}")
+    return key

@@ -1,0 +1,246 @@
+"""The scene graph: tile -> infer -> stitch over a scene, on Dask, yielding stitched blocks of class ids.
+
+:func:`segment_scene` builds one Dask graph over the scene's chunks: a tile task copies a chunk of the input
+into the tile store (:mod:`.tiles`); the inference task of a chunk waits for the tile tasks of its 3 x 3
+neighbourhood (its tiles' context lives there), runs the worker's model (:mod:`.predict`) and stores its
+weighted probability sums (:mod:`.accumulate`); the stitch task of a chunk waits for its neighbours'
+inference, adds their pieces onto its window and picks the classes. Blocks are yielded as they finish, so
+the writer streams them while inference goes on. Tile and inference tasks leave completion markers in the
+scratch folder (:mod:`.scratch`), from which an interrupted run resumes.
+
+:func:`predict_array` runs the very same tiling and blending on an array in memory (model validation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from geoseg.config import SegmentConfig, dump_config
+from geoseg.errors import InputError
+from geoseg.fingerprint import digest, input_identity, model_digest
+from geoseg.grid import TileGrid
+from geoseg.read import Raster
+from geoseg.segment.accumulate import AccumulatorLayout
+from geoseg.segment.predict import ModelKey, model_on_workers
+from geoseg.segment.scratch import Scratch, run_once
+from geoseg.segment.tasks import InferSettings, blend_tiles, classify, infer_chunk, stitch_chunk, tiles_to_infer
+from geoseg.segment.tiles import create_tile_store, tile_store_matches, write_chunk
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from geoseg.models import ModelSpec
+
+__all__ = ["Block", "SegmentStats", "model_key", "predict_array", "segment_scene", "tile_grid"]
+
+log = logging.getLogger("geoseg")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One stitched chunk: class ids (``nodata`` where invalid) and top probability on ``window``."""
+
+    window: Window
+    labels: np.ndarray
+    confidence: np.ndarray
+    valid_pixels: int
+    tiles: int
+
+
+@dataclass
+class SegmentStats:
+    """What a scene graph did; filled in as it runs."""
+
+    device: str = ""
+    precision: str = ""
+    chunks: tuple[int, int] = (0, 0)
+    chunks_resumed: int = 0
+    chunks_inferred: int = 0
+    tiles_inferred: int = 0
+    valid_pixels: int = 0
+    task_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def tile_grid(raster_height: int, raster_width: int, cfg: SegmentConfig) -> TileGrid:
+    """The tile grid of a scene under ``cfg``."""
+    return TileGrid(raster_height, raster_width, cfg.tile.size, cfg.tile.overlap, cfg.tile.chunk_tiles)
+
+
+def model_key(cfg: SegmentConfig) -> ModelKey:
+    """What identifies the loaded model of ``cfg`` on a worker (device and precision resolved)."""
+    from geoseg.device import resolve_device
+
+    device, precision = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
+    return ModelKey(str(cfg.model), model_digest(cfg.model), device, precision, cfg.infer.channels_last)
+
+
+def work_fingerprint(raster: Raster, cfg: SegmentConfig) -> str:
+    """What decides the scratch stores: a scratch folder is resumed only when this matches."""
+    from geoseg._version import __version__
+
+    settings = dump_config(cfg)
+    settings.pop("model")
+    return digest({"geoseg": __version__, "input": input_identity(raster.path), "bands": raster.bands,
+                   "nodata": raster.nodata, "nodata_override": raster.nodata_override,
+                   "model": model_digest(cfg.model), "config": settings})
+
+
+def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: Path, *,
+                  stats: SegmentStats | None = None, scores: Path | None = None, keep_tiles: Path | None = None,
+                  progress: Callable[[Block], None] | None = None) -> Iterator[Block]:
+    """Run the tile/infer/stitch graph of ``raster`` on ``client``; yield its stitched blocks as they finish.
+
+    ``workdir`` is the scratch folder (resumed when it holds this work, removed once every block has been
+    yielded). ``stats`` is filled in as the graph runs; ``scores`` keeps the class probabilities as Zarr
+    there, ``keep_tiles`` moves the tile store there at the end.
+    """
+    import dask
+    from distributed import get_task_stream
+
+    from geoseg.cluster import iter_results
+    from geoseg.models import read_model_spec
+
+    stats = stats if stats is not None else SegmentStats()
+    spec = read_model_spec(cfg.model)
+    grid = tile_grid(raster.height, raster.width, cfg)
+    layout = AccumulatorLayout(grid, len(spec.classes))
+    key = model_key(cfg)
+    device, precision = key.device, key.precision
+    if device == "cuda" and not _has_gpu_workers(client):
+        raise InputError("infer.device: cuda needs workers started with --resources GPU=1; none found")
+    ny, nx = grid.chunks_shape
+    stats.device, stats.precision, stats.chunks = device, precision, (ny, nx)
+    settings = InferSettings(cfg.infer.batch_size, cfg.infer.tta, _threads(cfg, device, client, ny * nx),
+                             cfg.stitch.blend)
+
+    def create(s: Scratch) -> None:
+        create_tile_store(s.tiles, raster, grid)
+        layout.create(str(s.accumulators))
+
+    scratch = Scratch(workdir, work_fingerprint(raster, cfg))
+    scratch.open(lambda s: tile_store_matches(s.tiles, raster, grid) and layout.matches(str(s.accumulators)),
+                 create)
+    tiles_path, acc_path, markers = str(scratch.tiles), str(scratch.accumulators), str(scratch.markers)
+    stats.chunks_resumed = scratch.count("infer")
+    stats.chunks_inferred = ny * nx - stats.chunks_resumed
+    if stats.chunks_resumed:
+        log.info("resuming: %d of %d chunks already inferred", stats.chunks_resumed, ny * nx)
+    if scores is not None:
+        from geoseg.segment.scores import create_scores_store
+
+        create_scores_store(scores, raster.grid, grid, spec.classes)
+    lut = spec.classes.index_to_id()
+
+    # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits for
+    # the tile tasks of its 3 x 3 neighbourhood, not for the whole scene, and stitching a chunk waits for the
+    # inference of its neighbourhood. Built from delayed tasks rather than dask.array blocks: annotations on
+    # array layers do not reach the scheduler in this dask (2026.8), and the priority and GPU resource must.
+    token = dask.base.tokenize(tiles_path, dump_config(cfg), time.time())
+    tiled = {(i, j): dask.delayed(run_once, pure=False)(
+        markers, "tile", i, j, write_chunk, raster, tiles_path, grid, i, j,
+        dask_key_name=f"geoseg-tile-{token}-{i}-{j}") for i in range(ny) for j in range(nx)}
+    # Longest chunks first (LPT): left to Dask's order a 9-tile chunk could start last and run alone while
+    # the other threads idle (2048^2 on 2 threads: 10.5 s instead of 9.3 s of inference).
+    tiles_in = grid.tiles_per_chunk()
+    inferred = {}
+    for (i, j), own in tiled.items():
+        with dask.annotate(**infer_annotations(device, int(tiles_in[i, j]))):
+            inferred[i, j] = dask.delayed(run_once, pure=False)(
+                markers, "infer", i, j, infer_chunk, tiles_path, acc_path, layout, i, j, key, settings, own,
+                after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
+    scores_path = str(scores) if scores is not None else None
+
+    def finish(n_tiles: int, i: int, j: int, after: list) -> Block:  # noqa: ARG001 - after: dependencies
+        labels, conf, n_valid = stitch_chunk(acc_path, tiles_path, layout, i, j, lut, cfg.nodata, scores_path)
+        return Block(grid.chunk_window(i, j), labels, conf, n_valid, n_tiles)
+
+    # A finished stitch frees its chunk for the writer: run it before starting more inference.
+    with dask.annotate(priority=1_000_000):
+        tasks = [dask.delayed(finish, pure=False)(inferred[i, j], i, j, [inferred[n] for n in grid.neighbours(i, j)],
+                                                  dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
+                 for i in range(ny) for j in range(nx)]
+
+    with model_on_workers(client, key), get_task_stream(client) as stream:
+        for block in iter_results(tasks, client):
+            stats.tiles_inferred += block.tiles
+            stats.valid_pixels += block.valid_pixels
+            if progress is not None:
+                progress(block)
+            yield block
+    stats.task_seconds = _task_seconds(stream.data, token)
+    if keep_tiles is not None:
+        from geoseg._io import remove
+
+        remove(keep_tiles)
+        os.replace(scratch.tiles, keep_tiles)
+    scratch.close()
+
+
+def infer_annotations(device: str, n_tiles: int) -> dict[str, Any]:
+    """Scheduler hints of an inference task: its work as priority; on CUDA, one GPU of its worker."""
+    return {"priority": n_tiles, **({"resources": {"GPU": 1}} if device == "cuda" else {})}
+
+
+def _threads(cfg: SegmentConfig, device: str, client: Client, n_chunks: int) -> int | None:
+    """Intra-op threads per task: CPU tasks split a host's cores; fewer chunks than task threads use more."""
+    from geoseg.cluster import tasks_per_host
+
+    if cfg.infer.torch_threads is not None or device != "cpu":
+        return cfg.infer.torch_threads
+    return max(1, (os.cpu_count() or 1) // max(1, min(tasks_per_host(client), n_chunks)))
+
+
+def _has_gpu_workers(client: Client) -> bool:
+    workers = client.scheduler_info().get("workers", {}).values()
+    return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers)
+
+
+def _task_seconds(records: list[dict], token: str) -> dict[str, float]:
+    """Task compute seconds (summed over workers) per stage of this graph (``token``), from the task stream.
+
+    The stream also holds the tasks of other runs on the same cluster (a batch's concurrent scenes).
+    """
+    stages = {"tile": 0.0, "infer": 0.0, "stitch": 0.0}
+    for rec in records:
+        key = str(rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"])
+        stage = next((s for s in stages if f"geoseg-{s}-{token}" in key), None)
+        if stage is None:
+            continue
+        for ss in rec.get("startstops", ()):
+            if ss.get("action") == "compute":
+                stages[stage] += ss["stop"] - ss["start"]
+    return {k: round(v, 3) for k, v in stages.items()}
+
+
+def predict_array(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, valid: np.ndarray, spec: ModelSpec,
+                  cfg: SegmentConfig) -> np.ndarray:
+    """Class indexes of a normalised image ``x`` (bands, H, W) with the tiling and blending of ``geoseg run``.
+
+    The same tiles, weights and sums as :func:`segment_scene` on a scene of this size (all of it one chunk),
+    computed in memory: what model validation uses, so a checkpoint is chosen on what users will run.
+    ``predict`` maps a batch of normalised tiles to class probabilities. Invalid pixels get -1.
+    """
+    from geoseg.grid import pad_to
+
+    _, h, w = x.shape
+    grid = tile_grid(h, w, cfg)
+    whole = TileGrid(h, w, cfg.tile.size, cfg.tile.overlap, max(grid.tiles_shape))  # one chunk: every tile
+    extent = whole.chunk_extent(0, 0)
+    assert extent is not None
+    inside = whole.clip(extent)
+    before = (int(inside.row_off - extent.row_off), int(inside.col_off - extent.col_off))
+    after = (int(extent.row_off + extent.height) - h, int(extent.col_off + extent.width) - w)
+    xp, vp = pad_to(x, before, after), pad_to(valid, before, after)
+    todo = tiles_to_infer(whole.tiles_of(0, 0), extent, vp)
+    sums = blend_tiles(predict, xp, todo, extent, Window(0, 0, w, h), whole, len(spec.classes), cfg.stitch.blend)
+    labels, _ = classify(sums, valid, np.arange(len(spec.classes), dtype=np.uint8), 255)
+    return np.where(labels == 255, -1, labels.astype(np.int64))

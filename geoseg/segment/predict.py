@@ -1,0 +1,174 @@
+"""The predictor: a model on a device with its input normalisation, held by each worker, never by the graph.
+
+A loaded model is identified by its checkpoint's digest, the device, the precision and the memory format
+(:class:`ModelKey`); batch size, threads and test-time augmentation are per-call settings, so scenes with
+other settings reuse the loaded model. :class:`ModelPlugin` loads it once when a worker starts (or joins
+later); :func:`model_on_workers` registers the plugin for a run and removes it when the last run using
+it ends, so a long-lived scheduler keeps no model of a finished run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from geoseg.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+_MODELS: OrderedDict[ModelKey, Predictor] = OrderedDict()
+_LOCK = threading.Lock()
+#: Models kept per worker process (two scenes of a batch with different models run side by side).
+_KEEP = 2
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What identifies a loaded model on a worker."""
+
+    checkpoint: str
+    digest: str
+    """SHA-256 of the checkpoint file: a file replaced under the same name is another model."""
+    device: str
+    precision: str
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        """Plugin name on the cluster."""
+        fmt = "cl" if self.channels_last else "nchw"
+        return f"geoseg-model-{self.digest[:16]}-{self.device}-{self.precision}-{fmt}"
+
+
+class Predictor:
+    """A model on a device with its input normalisation: numpy tiles in, class probabilities out."""
+
+    def __init__(self, key: ModelKey) -> None:
+        import torch
+
+        from geoseg._io import file_digest
+        from geoseg.models import build_model, load_checkpoint
+
+        if file_digest(Path(key.checkpoint)) != key.digest:
+            raise CheckpointError(f"{key.checkpoint}: changed since the run started (another file under the same "
+                                  "name); rerun to use the new model")
+        spec, state = load_checkpoint(key.checkpoint)
+        self.spec = spec
+        self.key = key
+        self.device = torch.device(key.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(key.precision)
+        self.memory_format = torch.channels_last if key.channels_last else torch.contiguous_format
+        self.model = build_model(spec, state).to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
+        self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+
+    @property
+    def n_classes(self) -> int:
+        """Output channels."""
+        return len(self.spec.classes)
+
+    def normalize(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Checkpoint normalisation; invalid pixels become 0 (the band mean)."""
+        x = (data.astype(np.float32) - self.mean) / self.std
+        x[:, ~valid] = 0.0
+        return x
+
+    def predict(self, tiles: np.ndarray, batch_size: int = 2, tta: bool = False,
+                threads: int | None = None) -> np.ndarray:
+        """Class probabilities (N, classes, H, W) float32 for normalised tiles (N, bands, H, W)."""
+        import torch
+
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        out = np.empty((tiles.shape[0], self.n_classes, *tiles.shape[2:]), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(tiles), batch_size):
+                x = torch.from_numpy(tiles[s : s + batch_size]).to(self.device, non_blocking=True)
+                x = x.contiguous(memory_format=self.memory_format)
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                    enabled=self.dtype is not None):
+                    logits = self.model(x).float()
+                    if tta:
+                        for dims in ((-1,), (-2,), (-2, -1)):
+                            logits += self.model(x.flip(dims)).float().flip(dims)
+                        logits /= 4
+                out[s : s + batch_size] = torch.softmax(logits, dim=1).cpu().numpy()
+        return out
+
+
+def get_predictor(key: ModelKey) -> Predictor:
+    """The worker's predictor for ``key``, loading it on first use (once per process)."""
+    with _LOCK:
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key]
+        predictor = Predictor(key)
+        _MODELS[key] = predictor
+        while len(_MODELS) > _KEEP:
+            _MODELS.popitem(last=False)
+        return predictor
+
+
+def drop_predictor(key: ModelKey) -> None:
+    """Free the worker's predictor for ``key`` (plugin teardown)."""
+    with _LOCK:
+        _MODELS.pop(key, None)
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads the model once when a worker starts (or joins later) and frees it at teardown."""
+
+    idempotent = True
+
+    def __init__(self, key: ModelKey) -> None:
+        self.key = key
+        self.name = key.name
+
+    def setup(self, worker: Any) -> None:
+        """Load the model on a worker."""
+        get_predictor(self.key)
+
+    def teardown(self, worker: Any) -> None:
+        """Free the model: the worker closes or the plugin is removed."""
+        drop_predictor(self.key)
+
+
+_USERS: dict[tuple[int, str], int] = {}
+_USERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def model_on_workers(client: Client, key: ModelKey) -> Iterator[None]:
+    """Register :class:`ModelPlugin` for ``key`` while the block runs; the last user removes it again.
+
+    Scenes of a batch that share a model share one plugin: it is registered by the first and removed
+    when the last one ends.
+    """
+    slot = (id(client), key.name)
+    with _USERS_LOCK:
+        first = _USERS.get(slot, 0) == 0
+        _USERS[slot] = _USERS.get(slot, 0) + 1
+    try:
+        if first:
+            client.register_plugin(ModelPlugin(key))
+        yield
+    finally:
+        with _USERS_LOCK:
+            _USERS[slot] -= 1
+            last = _USERS[slot] == 0
+            if last:
+                del _USERS[slot]
+        if last and client.status == "running":
+            try:
+                client.unregister_worker_plugin(key.name)
+            except (OSError, ValueError, KeyError, TimeoutError):
+                pass  # the cluster is going away with its workers

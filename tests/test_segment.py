@@ -1,0 +1,73 @@
+"""The scene graph from Python: same classes as `geoseg run`, a model loaded once, nothing left on the cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio
+
+from geoseg.config import ReadConfig, SegmentConfig
+from geoseg.models import read_model_spec
+from geoseg.pipeline import run_pipeline
+from geoseg.read import read_raster
+from geoseg.segment import SegmentStats, model_key, segment_scene
+from tests.conftest import pipeline_config
+
+
+def worker_plugins(client) -> list[str]:
+    return list(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins)))
+
+
+def test_scene_graph_from_python_gives_the_classes_of_geoseg_run(tmp_path, client, unet_checkpoint, sample_scene):
+    tile = {"size": 64, "overlap": 16, "chunk_tiles": 2}
+    cfg = SegmentConfig(model=unet_checkpoint, tile=tile)
+    raster = read_raster(sample_scene.image, ReadConfig(), read_model_spec(unet_checkpoint))
+    stats = SegmentStats()
+    labels = np.full((raster.height, raster.width), 254, dtype=np.uint8)
+    for block in segment_scene(raster, cfg, client, tmp_path / "scratch", stats=stats):
+        labels[block.window.toslices()] = block.labels
+    assert not (tmp_path / "scratch").exists()  # the scratch folder goes once every block is out
+    assert stats.tiles_inferred > 0 and stats.valid_pixels == int((labels != 255).sum())
+
+    result = run_pipeline(pipeline_config(sample_scene.image, unet_checkpoint, tmp_path / "run", tile=tile,
+                                          vectorize={"enabled": False}), client=client)
+    with rasterio.open(result.landcover) as src:
+        assert np.array_equal(src.read(1), labels)
+
+
+def test_the_model_plugin_is_removed_when_the_run_ends(tmp_path, client, fcn_checkpoint, sample_scene):
+    before = worker_plugins(client)
+    run_pipeline(pipeline_config(sample_scene.image, fcn_checkpoint, tmp_path / "o", tile={"size": 64, "overlap": 16},
+                                 vectorize={"enabled": False}), client=client)
+    assert not [p for p in worker_plugins(client) if p.startswith("geoseg-model")]
+    assert worker_plugins(client) == before
+
+
+def test_scenes_with_other_settings_reuse_the_loaded_model(tmp_path, client, fcn_checkpoint, monkeypatch):
+    """Batch size and threads are per-call settings: a batch of scenes loads the model once per worker."""
+    import geoseg.segment.predict as predict
+    from geoseg.batch import expand_scenes, run_batch
+    from tests.test_batch import scenes_in
+
+    loads = []
+    real = predict.Predictor.__init__
+
+    def counting(self, key):
+        loads.append(key)
+        real(self, key)
+
+    monkeypatch.setattr(predict.Predictor, "__init__", counting)
+    predict._MODELS.clear()
+    scenes_in(tmp_path / "in", n=2)
+    scenes_in(tmp_path / "in2", n=1, shape=(70, 150))
+    cfg = pipeline_config(tmp_path / "in" / "scene0.tif", fcn_checkpoint, tmp_path / "out",
+                          tile={"size": 64, "overlap": 16}, vectorize={"enabled": False},
+                          batch={"concurrent_scenes": 1})
+    other = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"batch_size": 5, "torch_threads": 1}),
+                                   "output_dir": tmp_path / "out2"})
+    # Scenes of two sizes, then other batch sizes and threads, while the model stays on the workers.
+    with predict.model_on_workers(client, model_key(cfg.segment)):
+        report = run_batch(cfg, expand_scenes(str(tmp_path / "in*" / "*.tif")), client=client)
+        assert report.ok and len(report.rows) == 3
+        assert run_batch(other, expand_scenes(str(tmp_path / "in" / "*.tif")), client=client).ok
+    assert len(loads) == 1, loads
+    assert not [p for p in worker_plugins(client) if p.startswith("geoseg-model")]
