@@ -28,7 +28,7 @@ from geoseg._io import write_text_atomic
 from geoseg.config import PipelineConfig
 from geoseg.errors import GeosegError, InputError
 from geoseg.fingerprint import output_fingerprint
-from geoseg.pipeline import MANIFEST, previous_status, run_pipeline
+from geoseg.pipeline import holds_run, previous_status, run_pipeline
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -48,9 +48,18 @@ class Scene:
     """``{"id", "datetime", "href"}`` of the STAC item the scene came from."""
 
 
+#: Names in the batch folder that belong to the batch itself: no scene folder may take one.
+RESERVED = frozenset({BATCH_MANIFEST, "batch.csv", "logs"})
+
+
 def scene_name(text: str, taken: set[str]) -> str:
-    """Deterministic folder name: ``text`` made filesystem-safe and unique within the batch."""
+    """Deterministic folder name: ``text`` made filesystem-safe and unique within the batch.
+
+    Names of the batch's own files (``batch.json``, ...) get a ``-scene`` suffix.
+    """
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "scene"
+    if base.lower() in RESERVED:
+        base = f"{base}-scene"
     name, k = base, 2
     while name in taken:
         name, k = f"{base}-{k}", k + 1
@@ -68,7 +77,8 @@ def expand_scenes(spec: str, stac_asset: str = "image") -> list[Scene]:
     if path.is_file() and path.suffix.lower() in (".json", ".geojson"):
         scenes = _stac_scenes(path, stac_asset, taken)
     elif path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        # Comments: whole lines starting with #, and `  # ...` after a path (a # inside a name stays).
+        lines = [re.sub(r"\s+#.*$", "", ln).strip() for ln in path.read_text().splitlines()]
         paths = [Path(ln) if Path(ln).is_absolute() else path.parent / ln
                  for ln in lines if ln and not ln.startswith("#")]
         scenes = [Scene(scene_name(p.stem, taken), p.absolute()) for p in paths]
@@ -96,8 +106,10 @@ def _stac_scenes(path: Path, asset: str, taken: set[str]) -> list[Scene]:
             raise InputError(f"{path}: item {item_id!r} has no asset {asset!r} (batch.stac_asset); it has: "
                              f"{', '.join(assets) or 'none'}")
         href = str(assets[asset].get("href", ""))
-        if href.startswith("file://"):
-            href = href[len("file://"):]
+        if href.startswith("file:"):
+            from urllib.parse import unquote, urlparse
+
+            href = unquote(urlparse(href).path)  # file:///data/S2%20A.tif is /data/S2 A.tif
         elif "://" in href:
             raise InputError(f"{path}: item {item_id!r}: asset {asset!r} is remote ({href}); geoseg reads local "
                              "or mounted files: download or mount it first")
@@ -129,29 +141,31 @@ class BatchReport:
         return all(r["status"] in ("done", "skipped") for r in self.rows)
 
 
-def is_complete(out_dir: Path, fingerprint: str) -> bool:
-    """A scene folder holds a finished run with this fingerprint, and every output it lists exists."""
-    try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return (manifest.get("status") == "done" and manifest.get("fingerprint") == fingerprint
-            and all(Path(p).exists() for p in manifest.get("outputs", {}).values()))
-
-
 def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
               client: Client | None = None) -> BatchReport:
     """Run every scene into ``cfg.output_dir/<scene>/``; failures are recorded, not raised.
 
     ``force`` redoes finished scenes too. ``client``: an existing Dask client instead of ``cfg.cluster``'s.
+    The batch folder is locked for the batch, and each scene's folder for its run.
     """
+    from geoseg.transaction import FolderLock
+
+    report = BatchReport(cfg.output_dir / BATCH_MANIFEST)
+    try:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output_dir: cannot create {cfg.output_dir} ({exc.strerror})") from None
+    with FolderLock(cfg.output_dir, what="batch"):
+        return _run_batch(cfg, scenes, report, force, client)
+
+
+def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, force: bool,
+               client: Client | None) -> BatchReport:
     from geoseg.cluster import open_client
     from geoseg.device import resolve_device
     from geoseg.segment import model_key
     from geoseg.segment.predict import model_on_workers
 
-    report = BatchReport(cfg.output_dir / BATCH_MANIFEST)
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     todo: list[tuple[PipelineConfig, Scene, dict]] = []
     for scene in scenes:
@@ -159,18 +173,18 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
         row: dict[str, Any] = {"scene": scene.name, "input": str(scene.path), "output_dir": str(out),
                                "status": "pending", "seconds": 0.0, "landcover": "", "error": ""}
         report.rows.append(row)
+        scene_cfg = cfg.model_copy(update={"input": scene.path, "output_dir": out})
         try:
-            fingerprint = output_fingerprint(cfg.model_copy(update={"input": scene.path}))
+            fingerprint = output_fingerprint(scene_cfg)
         except OSError as exc:
             row.update(status="failed", error=f"{scene.path}: {exc.strerror or exc}")
             continue
-        if not force and is_complete(out, fingerprint):
+        if not force and holds_run(scene_cfg, fingerprint):
             row.update(status="skipped", landcover=str(out / "landcover.tif"))
             continue
         # A scene redone because its input, model or settings changed replaces its own earlier outputs.
         redo = force or previous_status(out) == "done"
-        todo.append((cfg.model_copy(update={"input": scene.path, "output_dir": out,
-                                            "overwrite": cfg.overwrite or redo}), scene, row))
+        todo.append((scene_cfg.model_copy(update={"overwrite": cfg.overwrite or redo}), scene, row))
     skipped = len(scenes) - len(todo)
     log.info("batch: %d scenes, %d to run, %d complete already", len(scenes), len(todo), skipped)
 
@@ -182,7 +196,7 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
                   as c, model_on_workers(c, model_key(cfg.segment))):
                 # The batch holds the model on the workers: scenes reuse it, whatever their settings.
                 running: dict[Future, dict] = {
-                    pool.submit(_run_scene, scene_cfg, scene, c): row for scene_cfg, scene, row in todo}
+                    pool.submit(_run_scene, scene_cfg, scene, c, force): row for scene_cfg, scene, row in todo}
                 for fut in as_completed(running):
                     running[fut].update(fut.result())
     except KeyboardInterrupt:
@@ -196,11 +210,12 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
     return report
 
 
-def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client) -> dict[str, Any]:
+def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     try:
-        result = run_pipeline(cfg, client=client, progress=False, item_id=scene.name, source=scene.source)
+        result = run_pipeline(cfg, client=client, progress=False, item_id=scene.name, source=scene.source,
+                              fresh=fresh)
         out.update(status="done", landcover=result.outputs.get("landcover", ""), outputs=result.outputs,
                    timings_s=result.timings)
     except GeosegError as exc:

@@ -34,3 +34,7 @@ class OutputExistsError(GeosegError, FileExistsError):
 
 class ClusterError(GeosegError, RuntimeError):
     """The Dask cluster could not be created or reached."""
+
+
+class OutputWriteError(GeosegError, OSError):
+    """An output could not be written (disk full, folder gone, permissions)."""

@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geoseg import _faults, interrupt
 from geoseg._io import check_overwrite, remove, write_text_atomic
 from geoseg._version import __version__
 from geoseg.config import PipelineConfig, dump_config, load_config
@@ -80,6 +81,37 @@ def check_model_fits(cfg: PipelineConfig, spec: ModelSpec, source: str) -> None:
             f"{source}: read.bands: selects {len(cfg.read.bands)} bands but the model expects "
             f"{spec.in_channels} ({', '.join(spec.band_names)})"
         )
+    need, have = task_memory(cfg, spec), _worker_memory(cfg)
+    if have and need > have / 2:
+        raise ConfigError(
+            f"{source}: tile.chunk_tiles: an inference task would hold about {need / 2**30:.1f} GiB ("
+            f"{cfg.tile.chunk_tiles ** 2} tiles of {cfg.tile.size} px, {len(spec.classes)} classes), more than half "
+            f"of a worker's {have / 2**30:.1f} GiB; use a smaller tile.chunk_tiles or tile.size")
+
+
+def task_memory(cfg: PipelineConfig, spec: ModelSpec) -> int:
+    """Bytes an inference task holds at least: its extent's bands and sums, its tiles' inputs and scores."""
+    tiles = cfg.tile.chunk_tiles ** 2
+    side = cfg.tile.chunk_tiles * (cfg.tile.size - cfg.tile.overlap) + cfg.tile.size
+    channels = len(spec.classes) + 1 + spec.in_channels
+    return 4 * (channels * side**2 + tiles * (len(spec.classes) + spec.in_channels) * cfg.tile.size**2)
+
+
+def _worker_memory(cfg: PipelineConfig) -> int | None:
+    """Memory a worker of ``cfg.cluster`` has, where the config says (None for an existing scheduler's)."""
+    from dask.utils import parse_bytes
+
+    c = cfg.cluster
+    if c.backend in ("slurm", "pbs"):
+        return int(parse_bytes(c.jobqueue.memory)) // c.jobqueue.processes
+    if c.backend == "local":
+        if c.memory_limit not in ("auto", "0", ""):
+            return int(parse_bytes(c.memory_limit))
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // c.n_workers
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
@@ -119,75 +151,152 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress: bool | None = None,
-                 item_id: str | None = None, source: dict | None = None) -> RunResult:
-    """Run one scene through every stage; write outputs and ``run.json`` into ``cfg.output_dir``.
+def check_paths(cfg: PipelineConfig) -> None:
+    """Refuse an output that would land on one of the run's own inputs (the raster, the model, the reference)."""
+    inputs = {"input": cfg.input, "model": cfg.model, "evaluate.reference": cfg.evaluate.reference}
+    if cfg.cluster.tls is not None:
+        inputs.update({"cluster.tls.ca_file": cfg.cluster.tls.ca_file, "cluster.tls.cert": cfg.cluster.tls.cert,
+                       "cluster.tls.key": cfg.cluster.tls.key})
+    resolved = {key: Path(p).resolve() for key, p in inputs.items() if p is not None}
+    for name in outputs(cfg):
+        target = (cfg.output_dir / name).resolve()
+        for key, path in resolved.items():
+            if target == path or path.is_relative_to(target):
+                raise InputError(f"output_dir: {cfg.output_dir / name} would replace the run's {key} ({path}); "
+                                 "write the outputs to another folder")
 
+
+def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress: bool | None = None,
+                 item_id: str | None = None, source: dict | None = None, fresh: bool | None = None) -> RunResult:
+    """Run one scene through every stage, as a transaction: all outputs appear in ``cfg.output_dir``, or none.
+
+    The folder is locked for the run; outputs are staged and published together at the end, ``run.json``
+    last. A failed or interrupted run leaves the folder's previous outputs as they were and its scratch
+    work for the next run to resume (``fresh``, default ``cfg.overwrite``: start from scratch instead).
     ``client``: an existing ``distributed.Client`` to use instead of the one ``cfg.cluster`` describes.
     ``item_id`` and ``source`` name the scene's STAC Item and the item it came from (``geoseg batch``).
     """
+    from geoseg.fingerprint import input_identity
+    from geoseg.transaction import FolderLock, Stage
+
     if cfg.input is None:
         raise ConfigError("input: required key is missing (or run many scenes with geoseg batch --scenes)")
     out_dir = cfg.output_dir
-    result = RunResult(out_dir)
-    started = datetime.now(timezone.utc)
     spec = read_model_spec(cfg.model)
     check_model_fits(cfg, spec, "config")
-    # The run.json of a failed or interrupted run records that attempt; it is not an output to protect.
-    manifest_is_output = previous_status(out_dir) == "done"
-    for name in outputs(cfg):
-        if name not in (RESOLVED_CONFIG, MANIFEST) or (name == MANIFEST and manifest_is_output):
-            check_overwrite(out_dir / name, cfg.overwrite)
+    check_paths(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"output_dir: cannot create {out_dir} ({exc.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise InputError(f"output_dir: {out_dir} is not writable")
-    if progress is None:
-        progress = sys.stderr.isatty()
-    manifest: dict[str, Any] = {
-        "geoseg_version": __version__,
-        "status": "running",
-        "started": started.isoformat(),
-        "config": dump_config(cfg),
-        "fingerprint": output_fingerprint(cfg),
-        "inputs": {
-            "raster": _describe_file(cfg.input),
-            "model": {**_describe_file(cfg.model), "sha256": model_digest(cfg.model)},
-        },
-    }
-    try:
-        raster = _run_stages(cfg, spec, result, progress, client)
-        if result.metrics is not None:
-            manifest["metrics"] = result.metrics
-        if cfg.write.stac_item:
-            from geoseg.stac import stac_item
-
-            item = stac_item(item_id or cfg.input.stem, raster, result.outputs, spec.classes, cfg.write.nodata,
-                             metrics=result.metrics, source=source)
-            write_text_atomic(out_dir / STAC_ITEM, json.dumps(item, indent=2) + "\n")
-            result.outputs["stac_item"] = str(out_dir / STAC_ITEM)
-        manifest["status"] = "done"
-    except BaseException as exc:
-        stopped = isinstance(exc, (KeyboardInterrupt, CancelledError))
-        manifest["status"] = "interrupted" if stopped else "failed"
-        manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        manifest.update(
-            finished=datetime.now(timezone.utc).isoformat(),
-            outputs=result.outputs,
-            timings_s=result.timings,
-            stats=result.stats,
-        )
+    with FolderLock(out_dir):
+        _faults.point("setup")
+        stage = Stage(out_dir)
+        fingerprint = output_fingerprint(cfg)
+        recovered = stage.recover()
+        if holds_run(cfg, fingerprint):
+            # The same input, model and settings ran to the end here (its commit maybe completed just now).
+            remove(out_dir / WORK_DIR)
+            if not recovered:
+                log.info("%s already holds this run's outputs (same input, model and settings); nothing to do "
+                         "(--overwrite redoes it)", out_dir)
+            return _finished(out_dir)
+        # The run.json of a failed or interrupted run records that attempt; it is not an output to protect.
+        previous_done = previous_status(out_dir) == "done"
+        for name in outputs(cfg):
+            if name not in (RESOLVED_CONFIG, MANIFEST) or (name == MANIFEST and previous_done):
+                check_overwrite(out_dir / name, cfg.overwrite)
+        if cfg.overwrite if fresh is None else fresh:
+            remove(out_dir / WORK_DIR)
+        staged = stage.create()
+        result = RunResult(out_dir)
+        identity = input_identity(cfg.input)
+        manifest: dict[str, Any] = {
+            "geoseg_version": __version__,
+            "status": "running",
+            "started": datetime.now(timezone.utc).isoformat(),
+            "config": dump_config(cfg),
+            "fingerprint": fingerprint,
+            "inputs": {
+                "raster": _describe_file(cfg.input),
+                "model": {**_describe_file(cfg.model), "sha256": model_digest(cfg.model)},
+            },
+        }
         try:
-            write_text_atomic(out_dir / RESOLVED_CONFIG, json.dumps(dump_config(cfg), indent=2) + "\n")
-            write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-        except OSError:
-            log.error("could not write %s", out_dir / MANIFEST)
-    result.outputs["manifest"] = str(result.manifest)
+            raster = _run_stages(cfg, spec, result, sys.stderr.isatty() if progress is None else progress, client,
+                                 staged)
+            result.outputs = {k: str(out_dir / Path(v).name) for k, v in result.outputs.items()}
+            if result.metrics is not None:
+                manifest["metrics"] = result.metrics
+            if cfg.write.stac_item:
+                from geoseg.stac import stac_item
+
+                item = stac_item(item_id or cfg.input.stem, raster, result.outputs, spec.classes, cfg.write.nodata,
+                                 metrics=result.metrics, source=source, staged=staged)
+                write_text_atomic(staged / STAC_ITEM, json.dumps(item, indent=2) + "\n")
+                result.outputs["stac_item"] = str(out_dir / STAC_ITEM)
+            if input_identity(cfg.input) != identity:
+                raise InputError(f"{cfg.input}: changed while it was being segmented (size or modification time); "
+                                 "nothing was published: rerun once it is complete")
+            interrupt.check()
+            manifest["status"] = "done"
+            result.outputs["manifest"] = str(out_dir / MANIFEST)
+            _record(staged, cfg, manifest, result)
+            stage.commit(outputs(cfg))
+            _faults.point("published")
+            remove(out_dir / WORK_DIR)
+        except BaseException as exc:
+            stage.abort()
+            stopped = isinstance(exc, (KeyboardInterrupt, CancelledError))
+            manifest["status"] = "interrupted" if stopped else "failed"
+            manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
+            # A record of the attempt; the outputs of an earlier finished run stay exactly as they were.
+            try:
+                _record(out_dir / WORK_DIR if previous_done else out_dir, cfg, manifest, result)
+            except OSError:
+                log.error("could not record the failed attempt in %s", out_dir)
+            raise
     return result
+
+
+def _record(folder: Path, cfg: PipelineConfig, manifest: dict[str, Any], result: RunResult) -> None:
+    """Write ``pipeline-config.json`` and ``run.json`` into ``folder``."""
+    manifest.update(finished=datetime.now(timezone.utc).isoformat(), outputs=result.outputs,
+                    timings_s=result.timings, stats=result.stats)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / RESOLVED_CONFIG, json.dumps(dump_config(cfg), indent=2) + "\n")
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def holds_run(cfg: PipelineConfig, fingerprint: str) -> bool:
+    """Whether ``cfg.output_dir`` holds a finished run with this fingerprint.
+
+    Its manifest says so, no commit is half done, and every output the run writes (:func:`outputs`) is there.
+    """
+    from geoseg.transaction import JOURNAL
+
+    out_dir = cfg.output_dir
+    manifest = _manifest(out_dir)
+    return (manifest.get("status") == "done" and manifest.get("fingerprint") == fingerprint
+            and not (out_dir / JOURNAL).exists() and all((out_dir / name).exists() for name in outputs(cfg)))
+
+
+def _manifest(out_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(out_dir) / MANIFEST).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _finished(out_dir: Path) -> RunResult:
+    """The result of the finished run whose manifest ``out_dir`` holds."""
+    manifest = _manifest(out_dir)
+    names = {k: str(out_dir / Path(v).name) for k, v in dict(manifest.get("outputs", {})).items()}
+    return RunResult(out_dir, names, dict(manifest.get("timings_s", {})), dict(manifest.get("stats", {})),
+                     manifest.get("metrics"))
 
 
 def _describe_file(path: Path) -> dict[str, Any]:
@@ -197,15 +306,12 @@ def _describe_file(path: Path) -> dict[str, Any]:
 
 def previous_status(out_dir: Path) -> str | None:
     """Status recorded in ``out_dir/run.json`` by an earlier run (done, failed, interrupted), or None."""
-    try:
-        return json.loads((Path(out_dir) / MANIFEST).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _manifest(out_dir).get("status")
 
 
 def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool,
-                client: Client | None) -> Raster:
-    """Every stage of one scene; returns the input's :class:`~geoseg.read.Raster`."""
+                client: Client | None, staged: Path) -> Raster:
+    """Every stage of one scene, its outputs written into ``staged``; returns the input's Raster."""
     import rasterio
 
     from geoseg.cluster import GDAL_CACHE_MB, open_client
@@ -218,6 +324,10 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     timings, out_dir = result.timings, cfg.output_dir
     with _timed(timings, "read"):
         raster = read_raster(cfg.input, cfg.read, spec)
+    if cfg.evaluate.reference is not None:
+        from geoseg.evaluate import check_reference
+
+        check_reference(cfg.evaluate, raster.grid)  # before any work: a bad reference fails in seconds
     device, _ = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
     result.stats.update(width=raster.width, height=raster.height, bands=list(raster.bands),
                         crs=raster.grid.crs.to_string(), tile=cfg.tile.size, overlap=cfg.tile.overlap)
@@ -230,20 +340,16 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         if cfg.cluster.dashboard and client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
 
-        lc_path = out_dir / LANDCOVER
+        lc_path = staged / LANDCOVER
         classes = spec.classes
         writers = [landcover_writer(lc_path, raster.grid, classes, cfg.write.nodata, compress=cfg.write.compress,
-                                    overviews=cfg.write.overviews, overwrite=cfg.overwrite)]
+                                    overviews=cfg.write.overviews)]
         stack.callback(writers[0].abort)
         if cfg.write.confidence != "none":
-            writers.append(confidence_writer(out_dir / CONFIDENCE, raster.grid, cfg.write.confidence,
-                                             compress=cfg.write.compress, overviews=cfg.write.overviews,
-                                             overwrite=cfg.overwrite))
+            writers.append(confidence_writer(staged / CONFIDENCE, raster.grid, cfg.write.confidence,
+                                             compress=cfg.write.compress, overviews=cfg.write.overviews))
             stack.callback(writers[1].abort)
-        scores = out_dir / "scores.zarr" if cfg.write.keep_scores else None
-        if scores is not None:
-            check_overwrite(scores, cfg.overwrite)
-            remove(scores)
+        scores = staged / "scores.zarr" if cfg.write.keep_scores else None
 
         stats = SegmentStats()
         bar = None
@@ -252,9 +358,10 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             if bar:
                 bar.advance(bar.task_ids[0])
 
-        kept = out_dir / "tiles.zarr" if cfg.write.keep_tiles else None
+        kept = staged / "tiles.zarr" if cfg.write.keep_tiles else None
+        # The scratch folder outlives the segmentation: a run stopped in a later stage resumes from it.
         blocks = segment_scene(raster, cfg.segment, client, out_dir / WORK_DIR, stats=stats, scores=scores,
-                               keep_tiles=kept, progress=advance)
+                               keep_tiles=kept, progress=advance, cleanup=False)
         with _timed(timings, "tile_infer_stitch"):
             try:
                 for block in blocks:
@@ -265,15 +372,19 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                     if len(writers) > 1:
                         known = block.labels != cfg.write.nodata
                         writers[1].write(block.window, encode_confidence(block.confidence, known, cfg.write.confidence))
+                    _faults.point("infer")
+                    interrupt.check()
             finally:
                 if bar:
                     bar.stop()
+        _faults.point("segmented")
         result.stats.update(
             device=stats.device, precision=stats.precision, chunks=list(stats.chunks),
             chunks_resumed=stats.chunks_resumed, chunks_inferred=stats.chunks_inferred,
             task_seconds=stats.task_seconds, valid_pixels=stats.valid_pixels, tiles_inferred=stats.tiles_inferred)
         with _timed(timings, "write"):
             result.outputs["landcover"] = str(writers[0].close())
+            _faults.point("write")
             result.outputs["qgis_style"] = str(write_qgis_style(lc_path.with_suffix(".qml"), classes, cfg.write.nodata))
             if len(writers) > 1:
                 result.outputs["confidence"] = str(writers[1].close())
@@ -285,8 +396,8 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             from geoseg.vectorize import vectorize_classes
 
             with _timed(timings, "vectorize"):
-                info = vectorize_classes(lc_path, out_dir / cfg.vectorize.output, cfg.vectorize, client=client,
-                                         overwrite=cfg.overwrite)
+                info = vectorize_classes(lc_path, staged / cfg.vectorize.output, cfg.vectorize, client=client,
+                                         timestamp=_timestamp(cfg.input))
             result.outputs["vector"] = info["path"]
             result.stats["polygons"] = info["features"]
         if cfg.evaluate.reference is not None:
@@ -294,7 +405,14 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             from geoseg.report import write_reports
 
             with _timed(timings, "evaluate"):
-                metrics = evaluate_iou(lc_path, cfg.evaluate, client=client)
-                result.outputs.update(write_reports(metrics, out_dir, overwrite=cfg.overwrite))
+                metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client),
+                                  prediction=str(out_dir / LANDCOVER))  # where it will be, not the staged copy
+                _faults.point("evaluate")
+                result.outputs.update(write_reports(metrics, staged))
             result.metrics = metrics.summary()
     return raster
+
+
+def _timestamp(path: Path) -> datetime:
+    """The time stamped into outputs that record one (GeoPackage): the input's, so reruns are byte-identical."""
+    return datetime.fromtimestamp(int(path.stat().st_mtime), timezone.utc)

@@ -36,6 +36,13 @@ class Raster:
     nodata_override: bool = False
     """Validity from ``nodata`` alone (``read.nodata`` was set), not from the dataset's masks."""
     band_names: tuple[str | None, ...] = ()
+    scales: tuple[tuple[float, float], ...] | None = None
+    """(scale, offset) per selected band when ``read.scale_offset: apply``: the model sees physical values."""
+
+    @property
+    def store_dtype(self) -> str:
+        """The tile store's dtype: the raster's, or float32 when scale/offset are applied."""
+        return "float32" if self.scales else self.dtype
 
     @property
     def height(self) -> int:
@@ -49,7 +56,12 @@ class Raster:
 
     def read(self, src: rasterio.DatasetReader, window: Window | None) -> tuple[np.ndarray, np.ndarray]:
         """``(data, valid)`` of ``window`` from the open dataset ``src`` (see :func:`read_window`)."""
-        return read_window(src, window, self.bands, self.nodata if self.nodata_override else None)
+        data, valid = read_window(src, window, self.bands, self.nodata if self.nodata_override else None)
+        if self.scales:
+            scale = np.array([s for s, _ in self.scales], dtype=np.float32)[:, None, None]
+            offset = np.array([o for _, o in self.scales], dtype=np.float32)[:, None, None]
+            data = data.astype(np.float32) * scale + offset
+        return data, valid
 
 
 def open_raster(path: Path) -> rasterio.DatasetReader:
@@ -59,6 +71,8 @@ def open_raster(path: Path) -> rasterio.DatasetReader:
         raise RasterNotFoundError(f"{path}: raster not found")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a raster file")
+    if path.suffix.lower() == ".vrt":
+        _check_vrt_sources(path)
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
@@ -66,9 +80,31 @@ def open_raster(path: Path) -> rasterio.DatasetReader:
         raise InputError(f"{path}: not a raster GDAL can read ({detail})") from None
 
 
+def _check_vrt_sources(path: Path) -> None:
+    """Name a VRT's missing source file (GDAL reads such a VRT as zeros or a bare 'read failed')."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError):
+        return  # not XML: GDAL says what it is
+    for node in root.iter("SourceFilename"):
+        name = (node.text or "").strip()
+        if not name or name.startswith("/vsi") or "://" in name:
+            continue
+        source = path.parent / name if node.get("relativeToVRT") == "1" else Path(name)
+        if not source.exists():
+            raise InputError(f"{path}: source file missing: {source} (named in the VRT); restore it or rebuild "
+                             "the VRT (gdalbuildvrt)")
+
+
 def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> Raster:
     """Validate the input raster against the config and the model; return its :class:`Raster`."""
     with open_raster(path) as src:
+        if src.transform == Affine.identity() and (src.gcps[0] or src.rpcs):
+            kind, flag = ("ground control points", "") if src.gcps[0] else ("RPCs", " -rpc")
+            raise InputError(f"{path}: has {kind} but no geotransform; warp it onto a map grid first, e.g. "
+                             f"gdalwarp{flag} -r bilinear {path.name} {path.stem}_warped.tif")
         if src.crs is None:
             raise InputError(f"{path}: has no CRS; set one first, e.g. rio edit-info --crs EPSG:32632 {path.name}")
         t = src.transform
@@ -90,6 +126,13 @@ def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> Raster:
                 f"({', '.join(model.band_names)})"
             )
         _check_band_order(path, src.descriptions, bands, model, explicit=cfg.bands is not None)
+        scales = tuple((float(src.scales[b - 1]), float(src.offsets[b - 1])) for b in bands)
+        scaled = any(s != (1.0, 0.0) for s in scales)
+        if scaled and cfg.scale_offset == "refuse":
+            first = next(s for s in scales if s != (1.0, 0.0))
+            raise InputError(f"{path}: its bands carry scale/offset metadata (scale {first[0]:g}, offset "
+                             f"{first[1]:g}); set read.scale_offset: apply to feed the model physical values, or "
+                             "read.scale_offset: ignore to feed the stored values (what geoseg train reads)")
         return Raster(
             path=Path(path),
             grid=RasterGrid.of(src),
@@ -99,6 +142,7 @@ def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> Raster:
             nodata=cfg.nodata if cfg.nodata is not None else src.nodata,
             nodata_override=cfg.nodata is not None,
             band_names=tuple(src.descriptions[b - 1] for b in bands),
+            scales=scales if scaled and cfg.scale_offset == "apply" else None,
         )
 
 

@@ -51,8 +51,21 @@ def footprint(grid: RasterGrid, points_per_side: int = 16) -> dict:
     edge += [(h, w - c * w / n) for c in range(n)] + [(h - r * h / n, 0) for r in range(n)]
     xs, ys = xy(grid.transform, [r for r, _ in edge], [c for _, c in edge], offset="ul")
     ring = [[float(x), float(y)] for x, y in zip(xs, ys)]
+    # Cut at the antimeridian (RFC 7946 3.1.9): a scene across it becomes a MultiPolygon of two parts.
     return transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
-                          precision=7)
+                          precision=7, antimeridian_cutting=True)
+
+
+def bbox(geom: dict) -> list[float]:
+    """The STAC bbox of a WGS 84 footprint; across the antimeridian west > east (RFC 7946 5.2)."""
+    shp = shape(geom)
+    parts = list(getattr(shp, "geoms", [shp]))
+    west, south, east, north = shp.bounds
+    eastern = [p.bounds for p in parts if p.bounds[2] >= 180.0 - 1e-9]
+    western = [p.bounds for p in parts if p.bounds[0] <= -180.0 + 1e-9]
+    if eastern and western and len(parts) > 1:
+        west, east = min(b[0] for b in eastern), max(b[2] for b in western)
+    return [max(west, -180.0), south, min(east, 180.0), north]
 
 
 def _slug(name: str) -> str:
@@ -80,8 +93,10 @@ def acquisition_time(path: Path) -> str | None:
 
 
 def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: ClassMap, nodata: int, *,
-              metrics: dict | None = None, source: dict | None = None) -> dict[str, Any]:
+              metrics: dict | None = None, source: dict | None = None, staged: Path | None = None) -> dict[str, Any]:
     """A STAC Item for one scene's outputs (``outputs``: asset key -> path inside the scene's folder).
+
+    ``staged``: where the outputs are while the item is written (their folder by default).
 
     ``source``: the input's STAC Item when the scene came from one (its datetime is reused); otherwise the
     input's TIFFTAG_DATETIME, or the processing time when it has none (``geoseg:datetime_source`` says which).
@@ -107,7 +122,7 @@ def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: Cl
     assets: dict[str, dict] = {}
     for key, path in outputs.items():
         p = Path(path)
-        if p.is_dir() or key in ("manifest", "stac_item"):
+        if (staged / p.name if staged else p).is_dir() or key in ("manifest", "stac_item"):
             continue
         asset: dict[str, Any] = {"href": f"./{p.name}",
                                  "type": _MEDIA.get(p.suffix.lower(), "application/octet-stream"),
@@ -121,5 +136,5 @@ def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: Cl
     links = [{"rel": "derived_from", "href": (source or {}).get("href") or raster.path.absolute().as_uri(),
               "type": "application/geo+json" if source else _MEDIA[".tif"]}]
     return {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": EXTENSIONS, "id": item_id,
-            "geometry": geom, "bbox": list(shape(geom).bounds),
+            "geometry": geom, "bbox": bbox(geom),
             "properties": {k: v for k, v in props.items() if v is not None}, "links": links, "assets": assets}

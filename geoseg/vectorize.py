@@ -209,15 +209,17 @@ def union_groups(groups: list[tuple[list[bytes], int]], grid: RasterGrid) -> dic
 _SCATTER_BYTES = 4 * 2**20
 
 
-def _balanced(groups: list[tuple[list[bytes], int]], parts: int) -> list[list]:
-    """``groups`` in up to ``parts`` lists of about equal WKB size, largest first (LPT)."""
+def _balanced(groups: list[tuple[list[bytes], int]], parts: int) -> list[tuple[list, np.ndarray]]:
+    """``groups`` in up to ``parts`` lists of about equal WKB size, largest first (LPT), with their indexes."""
     bins: list[list] = [[] for _ in range(max(1, min(parts, len(groups))))]
+    where: list[list[int]] = [[] for _ in bins]
     load = [0] * len(bins)
-    for group in sorted(groups, key=lambda g: -sum(map(len, g[0]))):
-        k = load.index(min(load))
-        bins[k].append(group)
-        load[k] += sum(map(len, group[0]))
-    return bins
+    for k in sorted(range(len(groups)), key=lambda g: -sum(map(len, groups[g][0]))):
+        b = load.index(min(load))
+        bins[b].append(groups[k])
+        where[b].append(k)
+        load[b] += sum(map(len, groups[k][0]))
+    return [(part, np.array(index, dtype=np.int64)) for part, index in zip(bins, where)]
 
 
 class RowMerger:
@@ -362,8 +364,18 @@ def qgis_vector_style(classes: ClassMap, field: str = "class_id") -> str:
     )
 
 
-def write_layer_style(gpkg: Path, layer: str, qml: str) -> None:
-    """Store ``qml`` as the default style of ``layer`` in the GeoPackage's ``layer_styles`` table (QGIS reads it)."""
+def gpkg_timestamp(when: datetime) -> str:
+    """A GeoPackage timestamp: ISO 8601 in UTC with milliseconds and a Z (``%Y-%m-%dT%H:%M:%fZ``)."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def write_layer_style(gpkg: Path, layer: str, qml: str, when: datetime | None = None) -> None:
+    """Store ``qml`` as the default style of ``layer`` in the GeoPackage's ``layer_styles`` table (QGIS reads it).
+
+    ``when`` (default now) stamps the style and the layer's ``last_change``: a fixed time makes the file
+    byte-identical when the same polygons are written again.
+    """
+    stamp = gpkg_timestamp(when or datetime.now(timezone.utc))
     con = sqlite3.connect(gpkg)
     try:
         con.execute(
@@ -375,7 +387,7 @@ def write_layer_style(gpkg: Path, layer: str, qml: str) -> None:
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName,"
             " styleQML, styleSLD, useAsDefault, description, owner, ui, update_time) VALUES"
             " ('', '', ?, 'geom', ?, ?, '', 1, 'land-cover classes (geoseg)', '', '', ?)",
-            (layer, layer, qml, datetime.now(timezone.utc).isoformat()),
+            (layer, layer, qml, stamp),
         )
         # Registered as an attribute table, as the GeoPackage spec wants for every user table (and as QGIS
         # does when it saves a style itself).
@@ -383,6 +395,7 @@ def write_layer_style(gpkg: Path, layer: str, qml: str) -> None:
             "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier) VALUES"
             " ('layer_styles', 'attributes', 'layer_styles')"
         )
+        con.execute("UPDATE gpkg_contents SET last_change = ?", (stamp,))
         con.commit()
     finally:
         con.close()
@@ -404,6 +417,8 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
     Together they are the polygons of one ``shapes`` call over the whole raster. ``lookahead`` rows are
     polygonized ahead, and the polygons merged across block edges are unioned (:func:`union_groups`), on
     the Dask ``client``'s workers when given, else on local threads, while the caller consumes a batch.
+    The batches come in a fixed order (block rows, then each row's merged polygons one row later, in the
+    order they were grouped), whatever the timing or the number of workers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -417,28 +432,34 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
     tasks = [[dask.delayed(polygonize_block, pure=False)(raster, w, min_area, cfg, grid) for w in row]
              for row in rows]
     merger = RowMerger(cfg.connectivity, grid.height)
-    unions: deque = deque()  # futures of union_groups, oldest first
+    unions: deque = deque()  # per row that completed groups: [(future of union_groups, group indexes)]
     local = ThreadPoolExecutor(max_workers=2) if client is None else None
     parts = 2 if client is None else max(1, sum(client.nthreads().values()))
 
     def submit_union(groups: list) -> None:
         # Split so that the last row's unions, the largest, run on every worker at once.
-        for part in _balanced(groups, parts):
+        row: list[tuple[Any, np.ndarray]] = []
+        for part, index in _balanced(groups, parts):
             if client is None:
                 assert local is not None
-                unions.append(local.submit(union_groups, part, grid))
+                row.append((local.submit(union_groups, part, grid), index))
                 continue
             if sum(len(w) for pieces, _ in part for w in pieces) > _SCATTER_BYTES:
                 # Scattered when large (a scene-wide polygon): Dask warns about big task arguments.
                 [part] = client.scatter([part], hash=False)
-            unions.append(client.submit(union_groups, part, grid, pure=False, priority=1))
+            row.append((client.submit(union_groups, part, grid, pure=False, priority=1), index))
+        unions.append(row)
 
-    def finished_unions(wait: bool) -> Iterator[dict]:
-        while unions and (wait or unions[0].done()):
-            fut = unions.popleft()
-            yield fut.result()
+    def merged(keep: int) -> Iterator[dict]:
+        """The merged polygons of all but the last ``keep`` rows, each row's in its groups' order."""
+        while len(unions) > keep:
+            row = unions.popleft()
+            done = [(fut.result(), index) for fut, index in row]
             if local is None:
-                fut.release()
+                for fut, _ in row:
+                    fut.release()
+            order = np.argsort(np.concatenate([index for _, index in done]), kind="stable")
+            yield {k: np.concatenate([feats[k] for feats, _ in done])[order] for k in done[0][0]}
 
     try:
         for row, results in zip(rows, map_in_order(tasks, client, lookahead)):
@@ -446,22 +467,25 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
             if groups:
                 submit_union(groups)
             yield from (feats for feats, _ in results)
-            yield from finished_unions(wait=False)
-        yield from finished_unions(wait=True)
+            yield from merged(keep=1)  # a row later: its unions ran while this row was polygonized
+        yield from merged(keep=0)
     finally:
         if local is not None:
             local.shutdown(wait=True, cancel_futures=True)
 
 
 def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = None, *,
-                      client: Client | None = None, overwrite: bool = False) -> dict:
+                      client: Client | None = None, overwrite: bool = False,
+                      timestamp: datetime | None = None) -> dict:
     """Polygonize a class-id GeoTIFF into ``output`` (.gpkg, or .fgb by extension).
 
     Blocks run on the Dask ``client`` when given, else on local threads; polygons are written in batches
-    as they are finished. Returns counts and paths.
+    in a fixed order, so the same raster gives the same file. ``timestamp`` (default now) is the
+    GeoPackage's change time. Returns counts and paths.
     """
     from pyogrio.raw import write as write_raw  # what write_dataframe calls, minus the GeoDataFrame
 
+    from geoseg import _faults
     from geoseg.read import open_raster
 
     cfg = cfg if cfg is not None else VectorizeConfig()
@@ -503,6 +527,7 @@ def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = 
                               driver=driver, geometry_type="MultiPolygon", promote_to_multi=True, crs=grid.crs.to_wkt(),
                               encoding="UTF-8", append=written)
             written = True
+            _faults.point("vectorize")  # a layer half written
 
         for feats in polygon_features(str(raster), cfg, grid, min_area=min_area, client=client):
             count += len(feats["wkb"])
@@ -514,6 +539,6 @@ def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = 
         if pending or not written:
             write(pending)
         if driver == "GPKG":
-            write_layer_style(tmp, cfg.layer, qgis_vector_style(classes))
+            write_layer_style(tmp, cfg.layer, qgis_vector_style(classes), timestamp)
     blocks = sum(map(len, block_rows(grid.height, grid.width, cfg.block)))
     return {"path": str(output), "features": count, "blocks": blocks}

@@ -8,6 +8,8 @@ it into place, so a crash never leaves a file that looks finished.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -18,6 +20,7 @@ from rasterio.windows import Window
 
 from geoseg._io import atomic_path, check_overwrite, remove, temporary_name
 from geoseg.classes import ClassMap
+from geoseg.errors import OutputWriteError
 from geoseg.grid import RasterGrid
 
 
@@ -72,11 +75,24 @@ class RasterWriter:
 
     def write(self, window: Window, data: np.ndarray) -> None:
         """Write one block."""
-        self._ds.write(data, 1, window=window)
+        with self._naming_the_file():
+            self._ds.write(data, 1, window=window)
+
+    @contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        """GDAL's write errors (a full disk) name no file: say which output could not be written."""
+        try:
+            yield
+        except OSError as exc:
+            if getattr(exc, "filename", None):
+                raise
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise OutputWriteError(f"{self.path}: cannot write ({detail}); is the disk full?") from None
 
     def close(self) -> Path:
         """Finish the COG and move it into place."""
-        self._ds.close()
+        with self._naming_the_file():
+            self._ds.close()
         try:
             with atomic_path(self.path, overwrite=self.overwrite) as tmp:
                 options = {
@@ -89,7 +105,8 @@ class RasterWriter:
                 }
                 if self.compress in ("deflate", "zstd", "lzw"):
                     options["PREDICTOR"] = "NO"
-                rasterio.shutil.copy(self._scratch, tmp, driver="COG", **options)
+                with self._naming_the_file():
+                    rasterio.shutil.copy(self._scratch, tmp, driver="COG", **options)
         finally:
             remove(self._scratch)
         return self.path
@@ -102,7 +119,7 @@ class RasterWriter:
 
 
 def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: int, *, compress: str,
-                     overviews: bool, overwrite: bool) -> RasterWriter:
+                     overviews: bool, overwrite: bool = False) -> RasterWriter:
     """Writer for the class-id raster: uint8, colour table, class names in the metadata."""
     names = {str(c.id): c.name for c in classes}
     return RasterWriter(
@@ -115,7 +132,7 @@ def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: in
 
 
 def confidence_writer(path: Path, grid: RasterGrid, dtype: str, *, compress: str, overviews: bool,
-                      overwrite: bool) -> RasterWriter:
+                      overwrite: bool = False) -> RasterWriter:
     """Writer for the top-class probability: uint8 0-250 (255 nodata) or float16-valued float32."""
     # GeoTIFF has no float16 sample type in GDAL < 3.11; float16 values are stored in float32.
     out_dtype, nodata = ("uint8", 255) if dtype == "uint8" else ("float32", -1.0)

@@ -72,8 +72,10 @@ def test_sample_and_run_end_to_end(tmp_path, fcn_checkpoint):  # noqa: ANN001
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "out" / "run.json").read_text())
     assert manifest["status"] == "done" and (tmp_path / "out" / "confidence.tif").exists()
-    again = geoseg("run", str(cfg))
-    assert "exists and won't be overwritten without --overwrite" in one_line_error(again)
+    again = geoseg("run", str(cfg), "--set", "write.confidence=uint8")  # the same run again: nothing to do
+    assert again.returncode == 0, again.stderr
+    other = geoseg("run", str(cfg), "--set", "tile.overlap=8")  # another run: its outputs would replace these
+    assert "exists and won't be overwritten without --overwrite" in one_line_error(other)
     assert geoseg("run", str(cfg), "--overwrite").returncode == 0
     r = geoseg("evaluate", str(tmp_path / "out" / "landcover.tif"), str(tmp_path / "s" / "labels.tif"))
     assert r.returncode == 0 and 0 <= json.loads(r.stdout)["overall_accuracy"] <= 1

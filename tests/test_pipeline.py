@@ -250,10 +250,14 @@ def test_existing_output_is_not_overwritten_unless_asked(tmp_path, client, fcn_c
     cfg = pipeline_config(src, fcn_checkpoint, tmp_path / "o", tile={"size": 32, "overlap": 8})
     first = run_pipeline(cfg, client=client)
     before = first.landcover.read_bytes()
+    assert run_pipeline(cfg, client=client).landcover == first.landcover  # the same run: nothing to do
+    other = cfg.model_copy(update={"tile": cfg.tile.model_copy(update={"overlap": 4})})
     with pytest.raises(OutputExistsError, match="landcover.tif: exists and won't be overwritten without --overwrite"):
-        run_pipeline(cfg, client=client)
+        run_pipeline(other, client=client)
     assert first.landcover.read_bytes() == before
-    run_pipeline(cfg.model_copy(update={"overwrite": True}), client=client)
+    fingerprint = json.loads(first.manifest.read_text())["fingerprint"]
+    run_pipeline(other.model_copy(update={"overwrite": True}), client=client)
+    assert json.loads(first.manifest.read_text())["fingerprint"] != fingerprint
 
 
 def test_failed_run_leaves_no_output_that_looks_complete(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001

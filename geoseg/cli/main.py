@@ -7,9 +7,7 @@ User errors (:class:`~geoseg.errors.GeosegError`) print ``geoseg: error: <messag
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 import traceback
 
 import click
@@ -42,21 +40,13 @@ def _register() -> None:
 _register()
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler's time limit, systemd, kill) stops a run like Ctrl-C: cleanly and resumably."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of raising."""
-    _stop_on_sigterm()
+    from geoseg import interrupt
+
     try:
-        code = cli.main(args=argv, prog_name="geoseg", standalone_mode=False)
+        with interrupt.handled():
+            code = cli.main(args=argv, prog_name="geoseg", standalone_mode=False)
         return code if isinstance(code, int) else 0  # click returns the code of an Exit raised by a command
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -64,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        click.echo("geoseg: interrupted; rerun the same command to continue from the finished chunks", err=True)
+        args = sys.argv[1:] if argv is None else argv
+        hint = ("rerun it with --resume to continue from the last finished epoch" if "train" in args else
+                "rerun the same command to continue from the finished chunks")
+        click.echo(f"geoseg: interrupted; {hint}", err=True)
         return 130
     except GeosegError as exc:
         if _STATE["verbose"]:

@@ -9,6 +9,11 @@ from pydantic import Field, field_validator, model_validator
 
 from geoseg.config._base import _Config, existing_file
 
+#: Largest tile side: a 8192^2 tile of 4 float32 bands is 1 GiB before the network's activations.
+MAX_TILE = 8192
+#: Largest chunk side (tile.chunk_tiles x stride): a chunk's sums are (classes + 1) x side^2 float32.
+MAX_CHUNK = 16384
+
 
 class ReadConfig(_Config):
     """How the input raster is read."""
@@ -18,6 +23,10 @@ class ReadConfig(_Config):
     )
     nodata: float | None = Field(
         None, description="Nodata value overriding the raster's own (for rasters whose nodata is missing or wrong)."
+    )
+    scale_offset: Literal["refuse", "apply", "ignore"] = Field(
+        "refuse", description="Inputs whose bands carry scale/offset metadata: 'apply' feeds the model "
+        "value x scale + offset, 'ignore' the stored values (what geoseg train reads); 'refuse' says so and stops.",
     )
 
     @field_validator("bands")
@@ -34,7 +43,7 @@ class ReadConfig(_Config):
 class TileConfig(_Config):
     """Tile grid: model windows of ``size`` pixels that share ``overlap`` pixels with their neighbours."""
 
-    size: int = Field(512, gt=0, description="Side of the square window fed to the model, in pixels.")
+    size: int = Field(512, gt=0, le=MAX_TILE, description="Side of the square window fed to the model, in pixels.")
     overlap: int = Field(
         64, ge=0, description="Pixels shared by neighbouring windows (even; at most half the size). Half of it is "
         "the halo each window sees beyond its core."
@@ -50,6 +59,11 @@ class TileConfig(_Config):
         if 2 * self.overlap > self.size:
             raise ValueError(f"overlap {self.overlap} is more than half the tile size {self.size}; "
                              f"use at most {self.size // 2}")
+        side = self.chunk_tiles * (self.size - self.overlap)
+        if side > MAX_CHUNK:
+            most = MAX_CHUNK // (self.size - self.overlap)
+            raise ValueError(f"chunk_tiles {self.chunk_tiles} makes chunks of {side:,} px a side, more than a task "
+                             f"may hold ({MAX_CHUNK:,}); use at most {most} with tiles of {self.size}/{self.overlap}")
         return self
 
 
@@ -156,11 +170,41 @@ class ClusterConfig(_Config):
     dashboard: bool = Field(False, description="Serve the Dask dashboard on 127.0.0.1 and print its link.")
     timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for a scheduler before giving up.")
 
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, v: str | None) -> str | None:
+        return None if v is None else parse_scheduler_address(v)
+
     @model_validator(mode="after")
     def _need_address(self) -> ClusterConfig:
         if self.backend == "address" and not self.address:
             raise ValueError("backend 'address' needs cluster.address (e.g. tcp://127.0.0.1:8786)")
         return self
+
+
+_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss")
+
+
+def parse_scheduler_address(text: str) -> str:
+    """A Dask scheduler address as ``scheme://host:port`` (``host:port`` means tcp); anything else is refused."""
+    import re
+
+    expected = "expected tcp://HOST:PORT or tls://HOST:PORT, e.g. tcp://10.0.0.5:8786"
+    raw = text.strip()
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "tcp", raw
+    if scheme == "inproc" and rest:
+        return raw  # a scheduler in this very process (Python API and tests)
+    if scheme not in _SCHEMES:
+        raise ValueError(f"{text!r}: scheme {scheme!r} is not one Dask speaks ({', '.join(_SCHEMES)}); {expected}")
+    match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d+)", rest)
+    if not match:
+        raise ValueError(f"{text!r} is not a scheduler address; {expected}")
+    port = int(match.group(2))
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: port {port} is outside 1-65535; {expected}")
+    return f"{scheme}://{match.group(1)}:{port}"
 
 
 class VectorizeConfig(_Config):

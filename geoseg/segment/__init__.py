@@ -90,18 +90,19 @@ def work_fingerprint(raster: Raster, cfg: SegmentConfig) -> str:
     settings = dump_config(cfg)
     settings.pop("model")
     return digest({"geoseg": __version__, "input": input_identity(raster.path), "bands": raster.bands,
-                   "nodata": raster.nodata, "nodata_override": raster.nodata_override,
+                   "nodata": raster.nodata, "nodata_override": raster.nodata_override, "scales": raster.scales,
                    "model": model_digest(cfg.model), "config": settings})
 
 
 def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: Path, *,
                   stats: SegmentStats | None = None, scores: Path | None = None, keep_tiles: Path | None = None,
-                  progress: Callable[[Block], None] | None = None) -> Iterator[Block]:
+                  progress: Callable[[Block], None] | None = None, cleanup: bool = True) -> Iterator[Block]:
     """Run the tile/infer/stitch graph of ``raster`` on ``client``; yield its stitched blocks as they finish.
 
-    ``workdir`` is the scratch folder (resumed when it holds this work, removed once every block has been
-    yielded). ``stats`` is filled in as the graph runs; ``scores`` keeps the class probabilities as Zarr
-    there, ``keep_tiles`` moves the tile store there at the end.
+    ``workdir`` is the scratch folder: resumed when it holds this work, and removed once every block has
+    been yielded unless ``cleanup`` is False (the caller removes it when its own later stages are done).
+    ``stats`` is filled in as the graph runs; ``scores`` keeps the class probabilities as Zarr there,
+    ``keep_tiles`` moves the tile store there at the end.
     """
     import dask
     from distributed import get_task_stream
@@ -182,7 +183,8 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
 
         remove(keep_tiles)
         os.replace(scratch.tiles, keep_tiles)
-    scratch.close()
+    if cleanup:
+        scratch.close()
 
 
 def infer_annotations(device: str, n_tiles: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from geoseg import _faults
 from geoseg._io import remove, write_text_atomic
 from geoseg.errors import GeosegError
 
@@ -46,6 +47,7 @@ class Scratch:
         remove(self.path)  # stale, half-made or damaged: start afresh
         self.markers.mkdir(parents=True)
         create(self)
+        _faults.point("scratch")  # stores made, not yet described: a rerun must rebuild them
         write_text_atomic(self.path / DESCRIPTION, json.dumps({"fingerprint": self.fingerprint}) + "\n")
         return False
 

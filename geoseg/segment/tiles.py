@@ -51,7 +51,7 @@ def create_tile_store(path: Path, raster: Raster, grid: TileGrid) -> None:
     group = zarr.open_group(str(path), mode="w")
     c = grid.chunk
     group.create_array(
-        "image", shape=(len(raster.bands), raster.height, raster.width), dtype=raster.dtype,
+        "image", shape=(len(raster.bands), raster.height, raster.width), dtype=raster.store_dtype,
         chunks=(len(raster.bands), c, c), fill_value=0, dimension_names=("band", "y", "x"),
         compressors=scratch_compressors(),
     )
@@ -83,7 +83,7 @@ def tile_store_matches(path: Path, raster: Raster, grid: TileGrid) -> bool:
     c = grid.chunk
     tile = {"size": grid.size, "overlap": grid.overlap, "chunk_tiles": grid.chunk_tiles}
     return (image.shape == (len(raster.bands), raster.height, raster.width) and image.chunks[1:] == (c, c)
-            and str(image.dtype) == raster.dtype and valid.shape == (raster.height, raster.width)
+            and str(image.dtype) == raster.store_dtype and valid.shape == (raster.height, raster.width)
             and zarr.open_group(str(path), mode="r").attrs.get("geoseg:tile") == tile)
 
 
