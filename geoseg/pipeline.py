@@ -249,6 +249,7 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
             remove(out_dir / WORK_DIR)
         except BaseException as exc:
             stage.abort()
+            exc = _unstaged(exc, staged, out_dir)
             stopped = isinstance(exc, (KeyboardInterrupt, CancelledError))
             manifest["status"] = "interrupted" if stopped else "failed"
             manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
@@ -257,8 +258,18 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
                 _record(out_dir / WORK_DIR if previous_done else out_dir, cfg, manifest, result)
             except OSError:
                 log.error("could not record the failed attempt in %s", out_dir)
-            raise
+            raise exc from None
     return result
+
+
+def _unstaged(exc: BaseException, staged: Path, out_dir: Path) -> BaseException:
+    """``exc`` naming the output it failed on where the user will look for it, not its staged copy."""
+    old, new = f"{staged}/", f"{out_dir}/"
+    if isinstance(exc, GeosegError) and old in str(exc):
+        return type(exc)(str(exc).replace(old, new))
+    if isinstance(exc, OSError) and exc.filename and old in str(exc.filename):
+        return type(exc)(exc.errno, exc.strerror, str(exc.filename).replace(old, new))
+    return exc
 
 
 def _record(folder: Path, cfg: PipelineConfig, manifest: dict[str, Any], result: RunResult) -> None:

@@ -38,6 +38,7 @@ class Ctx:
     tmp: Path
     model: Path
     address: str
+    monkeypatch: pytest.MonkeyPatch | None = None
     out: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -213,8 +214,10 @@ def _existing_output(ctx: Ctx) -> list[str]:
     return ["run", ctx.pipeline()]
 
 
-def _disk_full(ctx: Ctx, monkeypatch) -> list[str]:  # noqa: ANN001
+def _disk_full(ctx: Ctx) -> list[str]:
     import rasterio.shutil
+
+    monkeypatch = ctx.monkeypatch
 
     def full(src, dst, **kw) -> None:  # noqa: ANN001, ANN003
         Path(dst).write_bytes(b"half a COG")  # what a full disk leaves behind
@@ -332,16 +335,262 @@ TRAINING = [
          r"model.train-state.pt: no training state to resume from; run without --resume"),
 ]
 
-CATALOGUE = INPUTS + REFERENCES + CONFIG + MODELS + CLUSTER_AND_SECURITY + TRAINING
+# ----------------------------------------------------------------------------------------------- run lifecycle
+
+
+def _header(ctx: Ctx, **change) -> list[str]:  # noqa: ANN003
+    """A checkpoint whose header has wrong-typed fields (the weights are fine)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ctx.model), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["geoseg"]) | change
+    path = ctx.tmp / "bad-header.safetensors"
+    save_file(state, str(path), metadata={"geoseg": json.dumps(header)})
+    return ["run", ctx.pipeline(model=str(path))]
+
+
+_BOMB = "".join(f"{a}: &{a} [" + ", ".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
+                for p, a in zip(["", *"abcdefgh"], "abcdefghi"))
+
+
+def _bomb_in_preset(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "preset.yaml").write_text(_BOMB + "tile: {size: *i}\n")
+    path = Path(ctx.pipeline())
+    path.write_text("extends: preset.yaml\n" + path.read_text())
+    return ["run", str(path)]
+
+
+def _self_cycle(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "sub").mkdir()
+    path = Path(ctx.pipeline())
+    path.write_text("extends: sub/../pipe.yaml\n" + path.read_text())
+    return ["run", str(path)]
+
+
+def _gcp_only(ctx: Ctx) -> list[str]:
+    from rasterio.control import GroundControlPoint
+
+    path = ctx.tmp / "gcps.tif"
+    gcps = [GroundControlPoint(0, 0, 6e5, 5.3e6), GroundControlPoint(0, 50, 6.005e5, 5.3e6),
+            GroundControlPoint(40, 0, 6e5, 5.2996e6)]
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=4, dtype="uint16") as dst:
+        dst.write(np.full((4, 40, 50), 900, "uint16"))
+        dst.gcps = (gcps, rasterio.crs.CRS.from_epsg(32632))
+    return ["run", ctx.pipeline(path)]
+
+
+def _vrt_missing_source(ctx: Ctx) -> list[str]:
+    """A VRT as gdalbuildvrt writes it, over a tile that was moved away afterwards."""
+    ctx.scene(name="part.tif")
+    bands = "".join(f"""<VRTRasterBand dataType="UInt16" band="{b}"><SimpleSource>
+        <SourceFilename relativeToVRT="1">part.tif</SourceFilename><SourceBand>{b}</SourceBand>
+        <SrcRect xOff="0" yOff="0" xSize="50" ySize="40"/><DstRect xOff="0" yOff="0" xSize="50" ySize="40"/>
+        </SimpleSource></VRTRasterBand>""" for b in (1, 2, 3, 4))
+    vrt = ctx.tmp / "mosaic.vrt"
+    vrt.write_text(f"""<VRTDataset rasterXSize="50" rasterYSize="40"><SRS>EPSG:32632</SRS>
+        <GeoTransform>600000, 10, 0, 5300000, 0, -10</GeoTransform>{bands}</VRTDataset>""")
+    with rasterio.open(vrt) as src:
+        assert src.read(1).mean() > 0  # a working VRT
+    (ctx.tmp / "part.tif").rename(ctx.tmp / "moved.tif")
+    return ["run", ctx.pipeline(vrt)]
+
+
+def _scaled(ctx: Ctx) -> list[str]:
+    path = ctx.scene(name="scaled.tif")
+    with rasterio.open(path, "r+") as dst:
+        dst.scales, dst.offsets = (0.0001,) * 4, (-0.1,) * 4
+    return ["run", ctx.pipeline(path)]
+
+
+def _scaled_applied_works(ctx: Ctx) -> None:
+    with rasterio.open(ctx.out / "landcover.tif") as dst:
+        assert (dst.read(1) != 255).all()
+
+
+def _gdal_disk_full(ctx: Ctx) -> list[str]:
+    import rasterio.shutil
+    from rasterio.errors import RasterioIOError
+
+    def full(src, dst, **kw) -> None:  # noqa: ANN001, ANN003
+        raise RasterioIOError("Free disk space available is 0 bytes, whereas 1048576 are at least necessary.")
+
+    ctx.monkeypatch.setattr(rasterio.shutil, "copy", full)
+    return ["run", ctx.pipeline()]
+
+
+def _two_layers(ctx: Ctx) -> list[str]:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    path = ctx.tmp / "ref2.gpkg"
+    for layer in ("classes_2020", "classes_2024"):
+        gpd.GeoDataFrame({"class": [1]}, geometry=[box(6e5, 5.2996e6, 6.005e5, 5.3e6)], crs="EPSG:32632").to_file(
+            path, layer=layer)
+    return ["evaluate", str(ctx.prediction()), str(path), "--out-dir", str(ctx.out)]
+
+
+def _output_is_input(ctx: Ctx) -> list[str]:
+    scene = ctx.scene(name="landcover.tif")
+    return ["run", ctx.pipeline(scene, output_dir=str(ctx.tmp)), "--overwrite"]
+
+
+def _folder_in_use(ctx: Ctx) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    from geoseg.transaction import LOCK, _process_start
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ctx.monkeypatch.setattr(Ctx, "_holder", holder, raising=False)
+    ctx.out.mkdir()
+    (ctx.out / LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
+                                            "start": _process_start(holder.pid), "started": "2026-12-01T01:00:00Z"}))
+    return ["run", ctx.pipeline()]
+
+
+def _own_style(ctx: Ctx) -> list[str]:
+    ctx.out.mkdir()
+    (ctx.out / "landcover.qml").write_text("<qgis>my own style</qgis>")
+    return ["run", ctx.pipeline()]
+
+
+def _batch_list(ctx: Ctx, lines: list[str]) -> list[str]:
+    listing = ctx.tmp / "scenes.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    return ["batch", ctx.pipeline(), "--scenes", str(listing)]
+
+
+def _list_with_comments(ctx: Ctx) -> list[str]:
+    ctx.scene(name="a.tif")
+    ctx.scene(name="b#2.tif")
+    return _batch_list(ctx, ["# tonight's scenes", "a.tif   # the first one", "b#2.tif"])
+
+
+def _list_comments_work(ctx: Ctx) -> None:
+    manifest = json.loads((ctx.out / "batch.json").read_text())
+    assert [r["scene"] for r in manifest["scenes"]] == ["a", "b_2"] and manifest["ok"]
+
+
+def _percent_href(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "S2 A").mkdir()
+    scene = ctx.scene(name="S2 A/scene 1.tif")
+    items = {"type": "FeatureCollection", "features": [{"type": "Feature", "id": "s2a", "properties": {},
+             "assets": {"image": {"href": scene.absolute().as_uri()}}, "links": []}]}
+    assert "%20" in items["features"][0]["assets"]["image"]["href"]
+    (ctx.tmp / "items.json").write_text(json.dumps(items))
+    return ["batch", ctx.pipeline(), "--scenes", str(ctx.tmp / "items.json")]
+
+
+def _percent_href_works(ctx: Ctx) -> None:
+    assert (ctx.out / "s2a" / "landcover.tif").exists()
+
+
+def _manifest_name(ctx: Ctx) -> list[str]:
+    ctx.scene(name="batch.json.tif")
+    ctx.scene(name="other.tif")
+    return _batch_list(ctx, ["batch.json.tif", "other.tif"])
+
+
+def _manifest_name_works(ctx: Ctx) -> None:
+    manifest = json.loads((ctx.out / "batch.json").read_text())
+    assert manifest["ok"] and {r["scene"] for r in manifest["scenes"]} == {"batch.json-scene", "other"}
+    assert (ctx.out / "batch.json-scene" / "landcover.tif").exists()
+
+
+def _train_classes(ctx: Ctx, classes: list[dict]) -> list[str]:
+    argv = _train_yaml(ctx)
+    path = Path(argv[1])
+    data = yaml.safe_load(path.read_text())
+    data["classes"] = classes
+    path.write_text(yaml.safe_dump(data))
+    return argv
+
+
+LIFECYCLE = [
+    Case("scheduler address not a URL", lambda c: ["run", c.pipeline(cluster={"address": "not a url"})],
+         r"pipe.yaml: cluster.address: 'not a url' is not a scheduler address; expected tcp://HOST:PORT"),
+    Case("scheduler address with another scheme", lambda c: ["run", c.pipeline(cluster={"address": "udp://h:1"})],
+         r"cluster.address: 'udp://h:1': scheme 'udp' is not one Dask speaks"),
+    Case("scheduler address with a port that is not a number",
+         lambda c: ["run", c.pipeline(cluster={"address": "tcp://host:abc"})],
+         r"cluster.address: 'tcp://host:abc' is not a scheduler address"),
+    Case("checkpoint header: normalisation not a list", lambda c: _header(c, mean=0),
+         r"bad-header.safetensors: not a valid geoseg checkpoint: mean: expected one number per band"),
+    Case("checkpoint header: a band without index", lambda c: _header(c, bands=[{"name": "blue"}] * 4),
+         r"not a valid geoseg checkpoint: bands.0.index: Field required"),
+    Case("checkpoint header: classes not a list", lambda c: _header(c, classes=7),
+         r"not a valid geoseg checkpoint: classes: expected a list of \{id, name, color\}, got int"),
+    Case("checkpoint header: encoder depth not a number",
+         lambda c: _header(c, arch_kwargs={"depth": "five", "width": 12}),
+         r"not a valid geoseg checkpoint: arch_kwargs: depth: 'five' is not a positive integer"),
+    Case("class colour out of range", lambda c: _train_classes(c, [
+        {"id": 1, "name": "a", "color": [0, 0, 999]}, {"id": 2, "name": "b", "color": "#00ff00"}]),
+         r"train.yaml: classes.0.color: colour \[0, 0, 999\] is not three integers 0-255"),
+    Case("class id outside 0-254", lambda c: _train_classes(c, [
+        {"id": 1, "name": "a", "color": "#ff0000"}, {"id": 255, "name": "b", "color": "#00ff00"}]),
+         r"train.yaml: classes.1.id: Input should be less than or equal to 254"),
+    Case("duplicate class ids", lambda c: _train_classes(c, [
+        {"id": 1, "name": "a", "color": "#ff0000"}, {"id": 1, "name": "b", "color": "#00ff00"}]),
+         r"train.yaml: classes: class ids must be unique \(got \[1, 1\]\)"),
+    Case("tile size beyond the limit", lambda c: ["run", c.pipeline(tile={"size": 100000})],
+         r"pipe.yaml: tile.size: Input should be less than or equal to 8192"),
+    Case("chunk beyond the limit", lambda c: ["run", c.pipeline(tile={"chunk_tiles": 100000})],
+         r"pipe.yaml: tile: chunk_tiles 100000 makes chunks of 2,400,000 px a side, more than a task may hold "
+         r"\(16,384\); use at most 682"),
+    Case("YAML alias bomb", lambda c: _yaml_text(c, _BOMB + "tile: {size: *i}\n"),
+         r"pipe.yaml: YAML aliases expand to more than 100,000 values; is it an alias bomb"),
+    Case("YAML alias bomb in a preset", _bomb_in_preset, r"preset.yaml: YAML aliases expand to more than 100,000"),
+    Case("extends cycle through another path", _self_cycle,
+         r"pipe.yaml: extends: circular include \(pipe.yaml -> pipe.yaml\)"),
+    Case("duplicate YAML keys", lambda c: _yaml_text(c, "tile:\n  size: 64\n  size: 128\n"),
+         r"pipe.yaml:3:3: YAML syntax error: duplicate key 'size' \(first at line 2\)"),
+    Case("raster with GCPs only", _gcp_only,
+         r"gcps.tif: has ground control points but no geotransform; warp it onto a map grid first, e.g. gdalwarp"),
+    Case("VRT whose source is missing", _vrt_missing_source,
+         r"mosaic.vrt: source file missing: .*part.tif \(named in the VRT\)"),
+    Case("scale/offset metadata", _scaled, r"scaled.tif: its bands carry scale/offset metadata \(scale 0.0001, "
+         r"offset -0.1\); set read.scale_offset: apply"),
+    Case("scale/offset applied (works)", lambda c: [*_scaled(c), "--set", "read.scale_offset=apply"],
+         "the model sees physical values", works=_scaled_applied_works),
+    Case("disk full, told by GDAL without a file name", _gdal_disk_full,
+         r"out/landcover.tif: cannot write \(Free disk space available is 0 bytes.*\); is the disk full\?"),
+    Case("reference with two layers and none named", _two_layers,
+         r"ref2.gpkg: has 2 layers \(classes_2020, classes_2024\); name one with evaluate.layer"),
+    Case("output that is the input, even with --overwrite", _output_is_input,
+         r"output_dir: .*landcover.tif would replace the run's input"),
+    Case("output folder in use by another run", _folder_in_use,
+         r"out: another geoseg run is using this folder \(host .*, pid \d+, started 2026-12-01T01:00:00Z\)"),
+    Case("the user's own style file in the output folder", _own_style,
+         r"out/landcover.qml: exists and won't be overwritten without --overwrite"),
+    Case("scene list with comments after paths (works)", _list_with_comments, "comments are not paths",
+         works=_list_comments_work),
+    Case("percent-encoded file:// href (works)", _percent_href, "decoded", works=_percent_href_works),
+    Case("scene named like the batch manifest (works)", _manifest_name, "its folder gets a suffix",
+         works=_manifest_name_works),
+]
+
+CATALOGUE = INPUTS + REFERENCES + CONFIG + MODELS + CLUSTER_AND_SECURITY + TRAINING + LIFECYCLE
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
 def test_catalogue(case: Case, tmp_path, fcn_checkpoint, client, capsys, monkeypatch):  # noqa: ANN001
-    ctx = Ctx(tmp_path, fcn_checkpoint, client.scheduler.address)
-    build = case.build
-    argv = build(ctx, monkeypatch) if build is _disk_full else build(ctx)
+    import time
+
+    ctx = Ctx(tmp_path, fcn_checkpoint, client.scheduler.address, monkeypatch)
+    argv = case.build(ctx)
     before = _snapshot(tmp_path)
-    code = main(["-q", *argv])
+    t0 = time.perf_counter()
+    try:
+        code = main(["-q", *argv])
+    finally:
+        holder = getattr(Ctx, "_holder", None)
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert time.perf_counter() - t0 < 60, "every case ends within a minute"
     err = capsys.readouterr().err
     if case.works:
         assert code == 0, err
@@ -367,6 +616,8 @@ def test_the_catalogue_documents_every_case():
     rows = {m.group(1) for m in re.finditer(r"^\| ([^|]+?) \|", doc, re.M)} - {"case", "---"}
     documented_elsewhere = {"raster far larger than memory", "worker dying mid-task", "Ctrl-C or SIGTERM",
                             "no shell invocation with user strings", "dashboard on localhost only",
+                            "killed at any moment (kill -9)", "two runs into one folder at once",
+                            "input changed during the run", "scene across the antimeridian",
                             "paths relative to the config file"}
     assert rows == {c.id for c in CATALOGUE} | documented_elsewhere
 

@@ -199,7 +199,7 @@ def test_early_stopping(train_yaml, monkeypatch):  # noqa: ANN001
 
 
 def test_validation_must_be_held_out(train_yaml):  # noqa: ANN001
-    with pytest.raises(ConfigError, match="validation needs scenes or a window"):
+    with pytest.raises(ConfigError, match="validation: needs scenes or a window"):
         train_yaml(validation={})
 
 

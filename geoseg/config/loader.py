@@ -159,6 +159,8 @@ def _format_error(model: type[BaseModel], err: Any) -> str:
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if not loc:  # a check across keys: its message names them
+        return msg
     if err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
         msg = f"{msg} (got {_REPR.repr(err['input'])})"  # bounded: the input may be huge
     return f"{key}: {msg}"

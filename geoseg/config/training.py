@@ -169,14 +169,14 @@ class TrainConfig(_Config):
     def _check(self) -> TrainConfig:
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"class ids must be unique (got {ids})")
+            raise ValueError(f"classes: class ids must be unique (got {ids})")
         codes = [code for c in self.classes for code in c.label_codes]
         if len(set(codes)) != len(codes):
-            raise ValueError("a label code is mapped to two classes")
+            raise ValueError("classes: a label code is mapped to two classes")
         if set(codes) & set(self.ignore_codes):
             raise ValueError("a label code is both mapped to a class and ignored")
         if not self.validation.scenes and self.validation.window is None:
-            raise ValueError("validation needs scenes or a window (a held-out area, never random pixels)")
+            raise ValueError("validation: needs scenes or a window (a held-out area, never random pixels)")
         weights = self.loss.class_weights
         if isinstance(weights, list) and len(weights) != len(self.classes):
             raise ValueError(f"loss.class_weights: {len(weights)} weights for {len(self.classes)} classes")
