@@ -196,7 +196,7 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
         stage = Stage(out_dir)
         fingerprint = output_fingerprint(cfg)
         recovered = stage.recover()
-        if holds_run(cfg, fingerprint):
+        if not cfg.overwrite and holds_run(cfg, fingerprint):
             # The same input, model and settings ran to the end here (its commit maybe completed just now).
             remove(out_dir / WORK_DIR)
             if not recovered:

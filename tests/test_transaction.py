@@ -299,3 +299,17 @@ def test_a_half_done_commit_is_completed_by_the_next_run(tmp_path, client, fcn_c
     assert json.loads((out / JOURNAL).read_text()) and output_fingerprint(half) == output_fingerprint(cfg)
     result = run_pipeline(half, client=client)
     assert result.landcover == out / "landcover.tif" and digests(out) == expected and leftovers(out) == []
+
+
+def test_overwrite_always_redoes_the_run(tmp_path, client, fcn_checkpoint, sample_scene, monkeypatch):
+    import geoseg.segment
+    from geoseg.pipeline import run_pipeline
+
+    cfg = pipeline_config(sample_scene.image, fcn_checkpoint, tmp_path / "o", tile={"size": 64, "overlap": 16},
+                          vectorize={"enabled": False}, overwrite=True)
+    run_pipeline(cfg, client=client)
+    calls = []
+    real = geoseg.segment.segment_scene
+    monkeypatch.setattr(geoseg.segment, "segment_scene", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_pipeline(cfg, client=client)
+    assert calls == [1]  # --overwrite: done again, not "nothing to do"
