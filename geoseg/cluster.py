@@ -25,6 +25,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 #: worker; a task reads each window once, so a small cache loses nothing and keeps memory flat.
 GDAL_CACHE_MB = 128
 WORKER_ENV = {**MALLOC_ENV, "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}
+#: Worker resource an inference task asks for: the number a worker offers is how many it runs at once.
+INFER = "infer"
 
 
 def quiet_dask_logs() -> None:
@@ -76,10 +78,11 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
         return
 
     n_workers, threads = cfg.n_workers, cfg.threads_per_worker
-    resources = None
+    # Inference tasks ask for one INFER slot: a worker runs that many at once, its other threads do the I/O.
+    resources: dict[str, float] = {INFER: min(cfg.infer_per_worker, threads)}
     if use_gpu:
         # One worker and one thread per GPU (the dask-cuda advice); tasks ask for GPU=1.
-        n_workers, threads, resources = max(1, gpu_count()), 1, {"GPU": 1}
+        n_workers, threads, resources = max(1, gpu_count()), 1, {"GPU": 1, INFER: 1}
     pre_spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
     with dask.config.set(pre_spawn):
         cluster = LocalCluster(
@@ -149,13 +152,20 @@ def jobqueue_cluster(cfg: ClusterConfig, use_gpu: bool = False):  # noqa: ANN201
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def tasks_per_host(client: Client) -> int:
-    """Most task threads on one host: CPU inference splits that host's cores between them."""
+def tasks_per_host(client: Client) -> tuple[int, bool]:
+    """Most inference tasks one host runs at once, and whether the workers limit them (the INFER resource).
+
+    Workers geoseg starts offer INFER slots: a host runs that many inference tasks. Other workers (a plain
+    ``dask worker``) run one per task thread. CPU inference splits a host's cores between them.
+    """
     per_host: dict[str, int] = {}
-    for addr, w in client.scheduler_info().get("workers", {}).items():
+    workers = client.scheduler_info().get("workers", {})
+    limited = bool(workers) and all(w.get("resources", {}).get(INFER, 0) >= 1 for w in workers.values())
+    for addr, w in workers.items():
         host = w.get("host") or addr.rsplit(":", 1)[0]
-        per_host[host] = per_host.get(host, 0) + w.get("nthreads", 1)
-    return max(per_host.values(), default=1)
+        slots = int(w.get("resources", {}).get(INFER, 0)) if limited else w.get("nthreads", 1)
+        per_host[host] = per_host.get(host, 0) + slots
+    return max(per_host.values(), default=1), limited
 
 
 def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:

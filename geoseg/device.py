@@ -32,6 +32,32 @@ def resolve_device(device: str, precision: str, *, local: bool = True) -> tuple[
     return device, precision
 
 
+#: Least share of validation pixels a model must classify alike in bf16 and fp32 for ``auto`` to pick bf16.
+BF16_AGREEMENT = 0.999
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16): bf16 convolutions run ~4x fp32 there."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def auto_cpu_precision(checks: dict[str, Any]) -> str:
+    """``precision: auto`` on the CPU: bf16 where the CPU computes it natively and the model passed the guard.
+
+    ``checks`` is the checkpoint's ``provenance.precision_check`` (written by ``geoseg train``): the share of
+    validation pixels classified alike in bf16 and fp32 must reach :data:`BF16_AGREEMENT`. A model without
+    that record (trained elsewhere) stays fp32.
+    """
+    agreement = checks.get("bf16_agreement") if isinstance(checks, dict) else None
+    if cpu_has_bf16() and isinstance(agreement, (int, float)) and agreement >= BF16_AGREEMENT:
+        return "bf16"
+    return "fp32"
+
+
 def autocast(device: str, precision: str) -> AbstractContextManager[Any]:
     """Torch autocast for ``precision`` (a no-op context for fp32)."""
     import torch

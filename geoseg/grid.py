@@ -87,14 +87,27 @@ class _Axis:
 
 @lru_cache(maxsize=64)
 def _axis(length: int, size: int, overlap: int, chunk_tiles: int) -> _Axis:
-    """Tiles anchored at the scene origin: tile k starts at ``k * stride - halo`` and its core at ``k * stride``."""
+    """Tiles inside the scene: tile k starts at ``k * stride``, the last one is moved back to end at the edge.
+
+    That is ``ceil((length - overlap) / stride)`` tiles, as many as the peers infer (an origin-anchored grid
+    with a halo before the first tile needs ``ceil(length / stride)``: 100 instead of 81 at 4096^2 for 512/64).
+    A scene shorter than a tile gets one tile, padded by reflection. Tile k's core runs from ``k * stride +
+    halo`` to the next core (the first from 0, the last to the edge), so the cores partition the scene.
+    Chunk g owns ``[g * chunk, (g + 1) * chunk)`` and infers tiles ``g * chunk_tiles`` to ``(g + 1) *
+    chunk_tiles - 1``; a last sliver chunk may hold no tile of its own.
+    """
     stride, halo = size - overlap, overlap // 2
-    n = max(1, math.ceil(length / stride))
-    origins = tuple(k * stride - halo for k in range(n))
-    cores = tuple((k * stride, min((k + 1) * stride, length)) for k in range(n))
+    if length <= size:
+        origins: tuple[int, ...] = (0,)
+    else:
+        n = math.ceil((length - overlap) / stride)
+        origins = (*(k * stride for k in range(n - 1)), length - size)
+    bounds = [0, *(k * stride + halo for k in range(1, len(origins))), length]
+    cores = tuple(zip(bounds[:-1], bounds[1:]))
     chunk = stride * chunk_tiles
     n_chunks = max(1, math.ceil(length / chunk))
-    groups = tuple((g * chunk_tiles, min((g + 1) * chunk_tiles, n)) for g in range(n_chunks))
+    n = len(origins)
+    groups = tuple((min(g * chunk_tiles, n), min((g + 1) * chunk_tiles, n)) for g in range(n_chunks))
     return _Axis(origins, cores, chunk, groups)
 
 

@@ -277,7 +277,55 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             break
     if bar:
         bar.stop()
+    if best_epoch:
+        record_precision_check(cfg.output, val_norm, tiling)
     return TrainResult(cfg.output, best_epoch, best_miou, history, stopped_early)
+
+
+def precision_check(model: Any, regions: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec,
+                    tiling: SegmentConfig) -> dict[str, Any]:
+    """How the model's classes change in bf16 (channels-last, CPU): what ``precision: auto`` is guarded by.
+
+    The validation regions are predicted in fp32 and in bf16; the record holds the share of labelled pixels
+    classified alike and both mIoUs.
+    """
+    import torch
+
+    from geoseg.training_data import IGNORE
+
+    same, total = 0, 0
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+        net = model.to(memory_format=fmt)
+        preds = [predict_region(net, x, spec, tiling, precision=precision) for x, _ in regions]
+        scores[precision] = preds
+    model.to(memory_format=torch.contiguous_format)
+    metrics = {p: Metrics.empty(spec.classes) for p in scores}
+    for k, (_, target) in enumerate(regions):
+        keep = target != IGNORE
+        a, b = scores["fp32"][k], scores["bf16"][k]
+        same += int((a == b)[keep].sum())
+        total += int(keep.sum())
+        for p in scores:
+            metrics[p] = metrics[p].merge(Metrics(confusion_matrix(target, scores[p][k], len(spec.classes)),
+                                                  spec.classes))
+    return {"bf16_agreement": same / total if total else None, "pixels": total,
+            "fp32_miou": metrics["fp32"].mean_iou, "bf16_miou": metrics["bf16"].mean_iou}
+
+
+def record_precision_check(checkpoint: Path, regions: list[tuple[np.ndarray, np.ndarray]],
+                           tiling: SegmentConfig) -> None:
+    """Write :func:`precision_check` of the saved checkpoint into its provenance."""
+    from geoseg.models import build_model, load_checkpoint, save_checkpoint
+
+    spec, state = load_checkpoint(checkpoint)
+    model = build_model(spec, state)
+    check = precision_check(model, regions, spec, tiling)
+    log.info("bf16 check: %.4f%% of validation pixels classified as in fp32 (mIoU %.4f vs %.4f)",
+             100 * (check["bf16_agreement"] or 0), check["bf16_miou"] or 0, check["fp32_miou"] or 0)
+    save_checkpoint(checkpoint, model, spec.model_copy(update={
+        "provenance": {**spec.provenance, "precision_check": check}}))
 
 
 def _state_fingerprint(cfg: TrainConfig) -> str:

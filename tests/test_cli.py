@@ -13,7 +13,7 @@ import yaml
 from geoseg import __version__
 from geoseg.cli.main import main
 
-COMMANDS = ["run", "batch", "train", "evaluate", "vectorize", "sample"]
+COMMANDS = ["run", "batch", "train", "evaluate", "vectorize", "export", "sample"]
 
 
 def geoseg(*args: str, cwd=None) -> subprocess.CompletedProcess:  # noqa: ANN001

@@ -73,3 +73,24 @@ def test_raster_grid_bounds_and_pixel_area():
 
     g = RasterGrid(CRS.from_epsg(32632), Affine(10, 0, 600000, 0, -10, 5300000), 30, 20)
     assert g.bounds == (600000, 5299700, 600200, 5300000) and g.pixel_area == 100 and g.shape == (30, 20)
+
+
+@settings(max_examples=80, deadline=None)
+@given(length=st.integers(1, 5000), size=st.sampled_from([32, 64, 256, 512]), overlap_half=st.integers(0, 64),
+       chunk_tiles=st.integers(1, 4))
+def test_tiles_lie_inside_the_scene_and_are_as_few_as_the_peers(length, size, overlap_half, chunk_tiles):
+    overlap = min(2 * overlap_half, size // 2 // 2 * 2)
+    grid = TileGrid(length, length, size, overlap, chunk_tiles)
+    n = grid.tiles_shape[0]
+    stride = size - overlap
+    expected = 1 if length <= size else -(-(length - overlap) // stride)  # ceil((L - overlap) / stride)
+    assert n == expected
+    starts = sorted({int(t.window.row_off) for (i, j), _ in grid.chunk_windows() for t in grid.tiles_of(i, j)})
+    assert len(starts) == n and starts[0] == 0
+    if length >= size:
+        assert starts[-1] == length - size  # the last tile is moved back inside, never padded past the edge
+
+
+def test_a_4096_scene_takes_81_tiles_of_512_with_64_overlap():
+    assert TileGrid(4096, 4096, 512, 64, 3).tiles_shape == (9, 9)
+    assert TileGrid(2048, 2048, 512, 64, 3).tiles_shape == (5, 5)

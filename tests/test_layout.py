@@ -93,7 +93,8 @@ def test_every_third_party_import_is_a_declared_dependency():
     declared = names(project["dependencies"])
     extras = {k: names(v) for k, v in project["optional-dependencies"].items()}
     #: module -> the extra that declares it (imported only by the feature that needs it, with a clear error)
-    optional = {"dask_jobqueue": "slurm", "pyarrow": "parquet", "bokeh": "dashboard"}
+    optional = {"dask_jobqueue": "slurm", "pyarrow": "parquet", "bokeh": "dashboard", "onnx": "onnx",
+                "onnxruntime": "onnx"}
     dist_of = packages_distributions()
     missing = []
     for path in PACKAGE.rglob("*.py"):

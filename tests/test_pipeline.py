@@ -126,10 +126,10 @@ def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_
                 self.seen[str(key)] = (ts.priority, ts.resource_restrictions)
 
     as_if_cuda = segment.infer_annotations
-    monkeypatch.setattr(segment, "infer_annotations", lambda device, n: as_if_cuda("cuda", n))
+    monkeypatch.setattr(segment, "infer_annotations", lambda device, n, limited: as_if_cuda("cuda", n, limited))
     src_path, _ = random_scene(tmp_path, (200, 130))
-    # tile 64, overlap 16, chunk_tiles 2: stride 48, chunks of 96 px; 200 x 130 -> 3 x 2 chunks holding
-    # 2, 2, 1 (rows: 96, 96, 8 px) x 2, 1 (cols: 96, 34 px) tiles
+    # tile 64, overlap 16, chunk_tiles 2: stride 48, chunks of 96 px; 200 x 130 -> 4 x 3 tiles inside the scene,
+    # 3 x 2 chunks holding 2, 2, 0 (the last, 8 px, is covered by its neighbour's tiles) x 2, 1 tiles
     cfg = pipeline_config(src_path, fcn_checkpoint, tmp_path / "out", tile={"size": 64, "overlap": 16,
                                                                            "chunk_tiles": 2})
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
@@ -137,7 +137,7 @@ def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_
         plugin = Record(cluster.scheduler)
         cluster.scheduler.add_plugin(plugin)
         run_pipeline(cfg, client=c)
-    grid_tiles = {f"{i}-{j}": n for (i, j), n in np.ndenumerate(np.outer([2, 2, 1], [2, 1]))}
+    grid_tiles = {f"{i}-{j}": n for (i, j), n in np.ndenumerate(np.outer([2, 2, 0], [2, 1]))}
     assert len(plugin.seen) == 6
     for key, (priority, resources) in plugin.seen.items():
         assert resources == {"GPU": 1}

@@ -71,3 +71,35 @@ def test_scenes_with_other_settings_reuse_the_loaded_model(tmp_path, client, fcn
         assert run_batch(other, expand_scenes(str(tmp_path / "in" / "*.tif")), client=client).ok
     assert len(loads) == 1, loads
     assert not [p for p in worker_plugins(client) if p.startswith("geoseg-model")]
+
+
+def test_the_device_path_blends_as_the_host_path_does(tmp_path, unet_checkpoint, sample_scene):
+    """Normalising, blending and accumulating where the model runs (the CUDA path), run here on the CPU."""
+    import zarr
+
+    from geoseg.fingerprint import model_digest
+    from geoseg.segment import tile_grid
+    from geoseg.segment.accumulate import AccumulatorLayout
+    from geoseg.segment.predict import ModelKey
+    from geoseg.segment.tasks import InferSettings, infer_chunk
+    from geoseg.segment.tiles import create_tile_store, write_chunk
+
+    raster = read_raster(sample_scene.image, ReadConfig(), read_model_spec(unet_checkpoint))
+    cfg = SegmentConfig(model=unet_checkpoint, tile={"size": 128, "overlap": 32, "chunk_tiles": 2})
+    grid = tile_grid(raster.height, raster.width, cfg)
+    key = ModelKey(str(unet_checkpoint), model_digest(unet_checkpoint), "cpu", "fp32", False)
+    create_tile_store(tmp_path / "t.zarr", raster, grid)
+    for (i, j), _ in grid.chunk_windows():
+        write_chunk(raster, str(tmp_path / "t.zarr"), grid, i, j)
+    sums = {}
+    for on_device in (False, True):
+        layout = AccumulatorLayout(grid, 6)
+        path = str(tmp_path / f"a{on_device}.zarr")
+        layout.create(path)
+        for blend in ("crop", "cosine"):
+            n = infer_chunk(str(tmp_path / "t.zarr"), path, layout, 0, 0, key,
+                            InferSettings(batch_size=3, blend=blend, threads=1, on_device=on_device), 1)
+            assert n == 4
+            sums[on_device, blend] = zarr.open_group(path)["core"][:]
+    for blend in ("crop", "cosine"):
+        assert np.allclose(sums[True, blend], sums[False, blend], atol=1e-5)

@@ -39,7 +39,10 @@ def load(args: argparse.Namespace):
     model = cls(encoder_name=meta["encoder"], encoder_weights=None, in_channels=len(meta["mean"]),
                 classes=len(meta["class_ids"]), **meta["kwargs"])
     model.load_state_dict(load_file(args.weights))
-    return model.eval(), meta
+    model.eval()
+    with torch.inference_mode():  # warm-up: one-off kernel set-up is not what the clock measures
+        model(torch.zeros(min(args.batch, 2), len(meta["mean"]), args.tile, args.tile))
+    return model, meta
 
 
 def normaliser(meta: dict):

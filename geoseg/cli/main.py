@@ -31,9 +31,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import batch, evaluate, run, sample, train, vectorize
+    from geoseg.cli import batch, evaluate, export, run, sample, train, vectorize
 
-    for module in (run, batch, train, evaluate, vectorize, sample):
+    for module in (run, batch, train, evaluate, vectorize, export, sample):
         cli.add_command(module.command)
 
 

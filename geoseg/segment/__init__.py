@@ -76,11 +76,19 @@ def tile_grid(raster_height: int, raster_width: int, cfg: SegmentConfig) -> Tile
 
 
 def model_key(cfg: SegmentConfig) -> ModelKey:
-    """What identifies the loaded model of ``cfg`` on a worker (device and precision resolved)."""
-    from geoseg.device import resolve_device
+    """What identifies the loaded model of ``cfg`` on a worker: device, precision and memory format resolved.
+
+    ``precision: auto`` on the CPU is bf16 where the CPU computes it natively and the checkpoint passed the
+    bf16 guard, else fp32 (:func:`geoseg.device.auto_cpu_precision`); ``channels_last`` unset is on.
+    """
+    from geoseg.device import auto_cpu_precision, resolve_device
+    from geoseg.models import read_model_spec
 
     device, precision = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
-    return ModelKey(str(cfg.model), model_digest(cfg.model), device, precision, cfg.infer.channels_last)
+    if device == "cpu" and cfg.infer.precision == "auto":
+        precision = auto_cpu_precision(read_model_spec(cfg.model).provenance.get("precision_check", {}))
+    channels_last = True if cfg.infer.channels_last is None else cfg.infer.channels_last
+    return ModelKey(str(cfg.model), model_digest(cfg.model), device, precision, channels_last)
 
 
 def work_fingerprint(raster: Raster, cfg: SegmentConfig) -> str:
@@ -107,7 +115,7 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     import dask
     from distributed import get_task_stream
 
-    from geoseg.cluster import iter_results
+    from geoseg.cluster import iter_results, tasks_per_host
     from geoseg.models import read_model_spec
 
     stats = stats if stats is not None else SegmentStats()
@@ -120,7 +128,8 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
         raise InputError("infer.device: cuda needs workers started with --resources GPU=1; none found")
     ny, nx = grid.chunks_shape
     stats.device, stats.precision, stats.chunks = device, precision, (ny, nx)
-    settings = InferSettings(cfg.infer.batch_size, cfg.infer.tta, _threads(cfg, device, client, ny * nx),
+    per_host, limited = tasks_per_host(client)
+    settings = InferSettings(cfg.infer.batch_size, cfg.infer.tta, _threads(cfg, device, per_host, ny * nx),
                              cfg.stitch.blend)
 
     def create(s: Scratch) -> None:
@@ -154,7 +163,7 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     tiles_in = grid.tiles_per_chunk()
     inferred = {}
     for (i, j), own in tiled.items():
-        with dask.annotate(**infer_annotations(device, int(tiles_in[i, j]))):
+        with dask.annotate(**infer_annotations(device, int(tiles_in[i, j]), limited)):
             inferred[i, j] = dask.delayed(run_once, pure=False)(
                 markers, "infer", i, j, infer_chunk, tiles_path, acc_path, layout, i, j, key, settings, own,
                 after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
@@ -187,18 +196,22 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
         scratch.close()
 
 
-def infer_annotations(device: str, n_tiles: int) -> dict[str, Any]:
-    """Scheduler hints of an inference task: its work as priority; on CUDA, one GPU of its worker."""
-    return {"priority": n_tiles, **({"resources": {"GPU": 1}} if device == "cuda" else {})}
+def infer_annotations(device: str, n_tiles: int, limited: bool = False) -> dict[str, Any]:
+    """Scheduler hints of an inference task.
+
+    Its work as priority; an INFER slot of its worker where the workers offer them; on CUDA, one GPU.
+    """
+    from geoseg.cluster import INFER
+
+    resources = {**({INFER: 1} if limited else {}), **({"GPU": 1} if device == "cuda" else {})}
+    return {"priority": n_tiles, **({"resources": resources} if resources else {})}
 
 
-def _threads(cfg: SegmentConfig, device: str, client: Client, n_chunks: int) -> int | None:
-    """Intra-op threads per task: CPU tasks split a host's cores; fewer chunks than task threads use more."""
-    from geoseg.cluster import tasks_per_host
-
+def _threads(cfg: SegmentConfig, device: str, per_host: int, n_chunks: int) -> int | None:
+    """Intra-op threads per inference task: CPU tasks split a host's cores; fewer chunks than slots use more."""
     if cfg.infer.torch_threads is not None or device != "cpu":
         return cfg.infer.torch_threads
-    return max(1, (os.cpu_count() or 1) // max(1, min(tasks_per_host(client), n_chunks)))
+    return max(1, (os.cpu_count() or 1) // max(1, min(per_host, n_chunks)))
 
 
 def _has_gpu_workers(client: Client) -> bool:

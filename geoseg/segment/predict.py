@@ -105,6 +105,57 @@ class Predictor:
         return out
 
 
+    def blend_on_device(self, data: np.ndarray, valid: np.ndarray, offsets: list[tuple[int, int]],
+                        weights: list[np.ndarray], out: tuple[int, int, int, int], batch_size: int, tta: bool,
+                        threads: int | None = None) -> np.ndarray:
+        """Weighted probability sums of tiles, computed where the model is (the GPU path; runs on CPU too).
+
+        The raw extent ``data`` goes to the device once (from pinned memory, without blocking), is
+        normalised there, cut into tiles at ``offsets`` (tile origins inside the extent), inferred in
+        batches, and each tile's probabilities times its ``weights`` are added on the device into sums over
+        ``out`` = (row, col, height, width) inside the extent; only the chunk's sums come back to the host.
+        """
+        import torch
+
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        dev = self.device
+        pin = dev.type == "cuda"
+
+        def upload(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
+
+        mean, std = upload(self.mean), upload(self.std)
+        x = (upload(data).float() - mean) / std
+        x = x * upload(valid)[None]  # invalid pixels become 0, the band mean
+        o_r, o_c, o_h, o_w = out
+        k = self.n_classes
+        sums = torch.zeros((k + 1, o_h, o_w), device=dev)
+        size = weights[0].shape[0]
+        with torch.inference_mode():
+            for s in range(0, len(offsets), batch_size):
+                part = offsets[s : s + batch_size]
+                tiles = torch.stack([x[:, r : r + size, c : c + size] for r, c in part])
+                tiles = tiles.contiguous(memory_format=self.memory_format)
+                with torch.autocast(dev.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    logits = self.model(tiles).float()
+                    if tta:
+                        for dims in ((-1,), (-2,), (-2, -1)):
+                            logits += self.model(tiles.flip(dims)).float().flip(dims)
+                        logits /= 4
+                probs = torch.softmax(logits, dim=1)
+                for (r, c), p, w in zip(part, probs, weights[s : s + batch_size]):
+                    r0, c0 = max(r, o_r), max(c, o_c)
+                    r1, c1 = min(r + size, o_r + o_h), min(c + size, o_c + o_w)
+                    if r0 >= r1 or c0 >= c1:
+                        continue
+                    ww = upload(w[r0 - r : r1 - r, c0 - c : c1 - c])
+                    sums[:k, r0 - o_r : r1 - o_r, c0 - o_c : c1 - o_c] += p[:, r0 - r : r1 - r, c0 - c : c1 - c] * ww
+                    sums[k, r0 - o_r : r1 - o_r, c0 - o_c : c1 - o_c] += ww
+        return sums.cpu().numpy()
+
+
 def get_predictor(key: ModelKey) -> Predictor:
     """The worker's predictor for ``key``, loading it on first use (once per process)."""
     with _LOCK:

@@ -23,10 +23,12 @@ from geoseg.segment.tiles import read_array, read_extent, zarr_array
 class InferSettings:
     """Per-call inference settings (not part of a loaded model's identity)."""
 
-    batch_size: int = 2
+    batch_size: int = 4
     tta: bool = False
     threads: int | None = None
-    blend: str = "cosine"
+    blend: str = "crop"
+    on_device: bool = False
+    """Normalise, blend and accumulate where the model runs (always on CUDA; on the CPU for tests)."""
 
 
 def tiles_to_infer(tiles: list[Tile], extent: Window, valid: np.ndarray) -> list[Tile]:
@@ -89,9 +91,17 @@ def infer_chunk(tiles_path: str, acc_path: str, layout: AccumulatorLayout, i: in
         sums = np.zeros((layout.channels, int(out.height), int(out.width)), dtype=np.float32)
     else:
         predictor = get_predictor(key)
-        x = predictor.normalize(data, valid)
-        sums = blend_tiles(lambda b: predictor.predict(b, settings.batch_size, settings.tta, settings.threads),
-                           x, todo, extent, out, grid, layout.n_classes, settings.blend)
+        if settings.on_device or predictor.device.type == "cuda":
+            offsets = [(int(t.window.row_off - extent.row_off), int(t.window.col_off - extent.col_off)) for t in todo]
+            weights = [tile_weights(t, grid.size, grid.overlap, settings.blend) for t in todo]
+            box = (int(out.row_off - extent.row_off), int(out.col_off - extent.col_off), int(out.height),
+                   int(out.width))
+            sums = predictor.blend_on_device(data, valid, offsets, weights, box, settings.batch_size, settings.tta,
+                                             settings.threads)
+        else:
+            x = predictor.normalize(data, valid)
+            sums = blend_tiles(lambda b: predictor.predict(b, settings.batch_size, settings.tta, settings.threads),
+                               x, todo, extent, out, grid, layout.n_classes, settings.blend)
     layout.store(acc_path, i, j, sums)
     return len(todo)
 
