@@ -43,7 +43,7 @@ VENVS = RESULTS / "venvs"
 #: Packages of each peer's environment, beside the torch and smp geoseg's environment has.
 PEER_PACKAGES = {
     "geoai": ["geoai-py"],
-    "torchgeo": ["torchgeo"],
+    "torchgeo": ["torchgeo", "requests"],  # torchgeo 0.8 imports requests without declaring it
     "toolbelt": ["pytorch-toolbelt"],
 }
 
@@ -76,24 +76,30 @@ def peer_python(name: str) -> Path:
     return py
 
 
-def make_model(folder: Path) -> tuple[Path, Path, Path]:
-    """(geoseg checkpoint, plain state dict, meta JSON) of one random-weight Unet-resnet18."""
+def make_model(folder: Path, checkpoint: Path | None = None) -> tuple[Path, Path, Path]:
+    """(geoseg checkpoint, plain state dict, meta JSON): ``checkpoint``'s, or a random-weight Unet-resnet18."""
     import torch
     from safetensors.torch import save_file
 
-    from geoseg.models import ModelSpec, create_model, output_stride, save_checkpoint
+    from geoseg.models import ModelSpec, build_model, create_model, load_checkpoint, output_stride, save_checkpoint
+    from geoseg.registry import ARCHITECTURES
     from geoseg.sample import BANDS, CLASSES
 
-    torch.manual_seed(0)
-    model = create_model("unet", "resnet18", 4, 6).eval()
-    spec = ModelSpec(architecture="unet", encoder="resnet18", bands=[{"index": i + 1, "name": b}
-                     for i, b in enumerate(BANDS)], mean=[900.0] * 4, std=[700.0] * 4, classes=CLASSES,
-                     tile_size=512, output_stride=output_stride(model))
-    ckpt = save_checkpoint(folder / "model.safetensors", model, spec)
+    if checkpoint is not None:
+        spec, state = load_checkpoint(checkpoint)
+        model, ckpt = build_model(spec, state), checkpoint
+    else:
+        torch.manual_seed(0)
+        model = create_model("unet", "resnet18", 4, 6).eval()
+        spec = ModelSpec(architecture="unet", encoder="resnet18", bands=[{"index": i + 1, "name": b}
+                         for i, b in enumerate(BANDS)], mean=[900.0] * 4, std=[700.0] * 4, classes=CLASSES,
+                         tile_size=512, output_stride=output_stride(model))
+        ckpt = save_checkpoint(folder / "model.safetensors", model, spec)
     weights = folder / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     meta = folder / "meta.json"
-    meta.write_text(json.dumps({"smp_class": "Unet", "encoder": "resnet18", "kwargs": {}, "bands": [1, 2, 3, 4],
+    meta.write_text(json.dumps({"smp_class": ARCHITECTURES[spec.architecture], "encoder": spec.encoder,
+                                "kwargs": spec.arch_kwargs, "bands": [b.index for b in spec.bands],
                                 "mean": list(spec.mean), "std": list(spec.std), "class_ids": spec.classes.ids}))
     return ckpt, weights, meta
 
@@ -107,8 +113,9 @@ def raw_forward(ckpt: Path, tile: int, batch: int, precision: str, channels_last
     from geoseg.segment.predict import ModelKey, Predictor
 
     pred = Predictor(ModelKey(str(ckpt), model_digest(ckpt), "cpu", precision, channels_last))
+    bands = pred.spec.in_channels
     torch.set_num_threads(os.cpu_count() or 1)
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 4, tile, tile)).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, bands, tile, tile)).astype(np.float32))
     x = x.contiguous(memory_format=pred.memory_format)
 
     def forward() -> None:
@@ -131,9 +138,16 @@ def run_system(name: str, args: argparse.Namespace, files: dict[str, Path], out:
     if name.startswith("geoseg"):
         cmd = [sys.executable, str(PEERS / "peer_geoseg.py"), *common, "--checkpoint", str(files["ckpt"])]
         if name == "geoseg-auto":
-            cmd += ["--precision", "bf16", "--channels-last"]
-        elif name == "geoseg-2x1":  # the first wave's arrangement: two single-threaded inference tasks
-            cmd += ["--infer-per-worker", "2", "--batch", "2"]
+            # what `precision: auto` picks for a model that passed the bf16 guard: bf16 only on a bf16-native CPU
+            from geoseg.device import cpu_has_bf16
+
+            cmd += ["--precision", "bf16" if cpu_has_bf16() else "fp32"]
+        elif name == "geoseg-nchw":  # fp32 in the peers' memory format
+            cmd += ["--memory-format", "nchw"]
+        elif name == "geoseg-1x2":  # one inference task per worker with all its cores
+            cmd += ["--infer-per-worker", "1"]
+        elif name == "geoseg-first-wave":  # the first wave's defaults: 2 x 1 threads, batch 2, NCHW
+            cmd += ["--infer-per-worker", "2", "--batch", "2", "--memory-format", "nchw"]
     else:
         py = peer_python(name)
         cmd = [str(py), str(PEERS / f"peer_{name}.py"), *common, "--weights", str(files["weights"]),
@@ -161,6 +175,8 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a trained geoseg checkpoint (Unet) instead of random weights: class agreement means more")
     p.add_argument("--raw-seconds", type=float, default=6.0)
     p.add_argument("--systems", nargs="+", default=["raw", "geoseg", "geoseg-auto", "loop", "geoai", "torchgeo",
                                                     "toolbelt"])
@@ -171,7 +187,7 @@ def main() -> None:
     import rasterio
 
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-peers-"))
-    ckpt, weights, meta = make_model(tmp)
+    ckpt, weights, meta = make_model(tmp, args.checkpoint)
     scene = sample_scene(args.size)
     files = {"scene": scene, "ckpt": ckpt, "weights": weights, "meta": meta}
     systems = ["geoseg" if s == "geoseg-fp32" else s for s in args.systems]
@@ -179,7 +195,8 @@ def main() -> None:
         if name in PEER_PACKAGES:
             peer_python(name)  # installs before any clock runs
     px = args.size * args.size
-    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: unet-resnet18 (random weights), 4 bands, 6 classes\n"
+    model_name = str(args.checkpoint) if args.checkpoint else "unet-resnet18 (random weights), 4 bands, 6 classes"
+    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {model_name}\n"
           f"scene {args.size}x{args.size}, tile {args.tile}, overlap {args.overlap}, batch {args.batch}; "
           f"{args.rounds} rounds, systems interleaved: {', '.join(systems)}", flush=True)
     runs: dict[str, list[dict]] = {s: [] for s in systems}
@@ -190,9 +207,12 @@ def main() -> None:
             if name == "raw":
                 raw.append(raw_forward(ckpt, args.tile, args.batch, "fp32", False, args.raw_seconds))
                 if "geoseg-auto" in systems:
-                    raw_bf16.append(raw_forward(ckpt, args.tile, args.batch, "bf16", True, args.raw_seconds))
+                    from geoseg.device import cpu_has_bf16
+
+                    raw_bf16.append(raw_forward(ckpt, args.tile, args.batch, "bf16" if cpu_has_bf16() else "fp32",
+                                                True, args.raw_seconds))
                 print(f"  round {r + 1} raw: {raw[-1]:.3f} MPix/s fp32" +
-                      (f", {raw_bf16[-1]:.3f} bf16+channels_last" if raw_bf16 else ""), flush=True)
+                      (f", {raw_bf16[-1]:.3f} auto precision + channels_last" if raw_bf16 else ""), flush=True)
                 continue
             out = tmp / f"{name}-{r}.tif"
             rec = run_system(name, args, files, out)

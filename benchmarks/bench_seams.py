@@ -50,11 +50,11 @@ def main() -> None:
         fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
         net = model.to(memory_format=fmt)
 
-        def forward(x: np.ndarray) -> np.ndarray:
-            t = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=fmt)  # noqa: B023
-            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32,  # noqa: B023
+        def forward(x: np.ndarray, net=net, fmt=fmt, dtype=dtype) -> np.ndarray:  # noqa: ANN001
+            t = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=fmt)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32,
                                                         enabled=dtype is not None):
-                return torch.softmax(net(t).float(), 1).numpy()  # noqa: B023
+                return torch.softmax(net(t).float(), 1).numpy()
 
         for scene in args.scenes:
             with rasterio.open(scene) as src:
@@ -68,8 +68,9 @@ def main() -> None:
                 for blend in args.blends:
                     cfg = SegmentConfig(model=args.model, tile={"size": args.tile, "overlap": overlap},
                                         stitch={"blend": blend})
-                    stitched = predict_array(lambda b: np.concatenate([forward(b[k : k + 4]) for k in  # noqa: B023
-                                                                       range(0, len(b), 4)]), x, valid, spec, cfg)
+                    stitched = predict_array(lambda b, f=forward: np.concatenate([f(b[k : k + 4]) for k in
+                                                                                  range(0, len(b), 4)]),
+                                             x, valid, spec, cfg)
                     same = (stitched == full) & valid
                     grid = TileGrid(*x.shape[1:], args.tile, overlap, 1)
                     near = np.zeros(valid.shape, bool)

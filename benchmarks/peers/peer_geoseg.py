@@ -23,9 +23,10 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--memory-format", choices=["auto", "nchw", "channels-last"], default="auto",
+                   help="auto: geoseg's default (channels-last)")
     p.add_argument("--threads-per-worker", type=int, default=2)
-    p.add_argument("--infer-per-worker", type=int, default=1)
+    p.add_argument("--infer-per-worker", type=int, default=None, help="default: geoseg's")
     p.add_argument("--chunk-tiles", type=int, default=3)
     args = p.parse_args()
 
@@ -37,9 +38,10 @@ def main() -> None:
     cfg = validate(PipelineConfig, {
         "input": args.scene, "model": args.checkpoint, "output_dir": str(work), "overwrite": True,
         "tile": {"size": args.tile, "overlap": args.overlap, "chunk_tiles": args.chunk_tiles},
-        "infer": {"batch_size": args.batch, "precision": args.precision, "channels_last": args.channels_last,
-                  "device": "cpu"},
-        "cluster": {"threads_per_worker": args.threads_per_worker, "infer_per_worker": args.infer_per_worker},
+        "infer": {"batch_size": args.batch, "precision": args.precision, "device": "cpu",
+                  **({} if args.memory_format == "auto" else {"channels_last": args.memory_format != "nchw"})},
+        "cluster": {"threads_per_worker": args.threads_per_worker,
+                    **({"infer_per_worker": args.infer_per_worker} if args.infer_per_worker else {})},
         "vectorize": {"enabled": False}, "write": {"stac_item": False},
     }, "bench", None)
     with open_client(cfg.cluster) as client:
