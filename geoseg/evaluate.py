@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +29,8 @@ from geoseg.grid import RasterGrid
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from geoseg.progress import Progress
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".gml", ".kml"}
 _NO_REF = -1  # rasterize fill: no reference feature here
@@ -77,6 +80,8 @@ class Metrics:
     """Pixels per reference code that maps to no class (not counted)."""
     prediction: str = ""
     reference: str = ""
+    pixel_area_m2: float | None = None
+    """Area of a pixel of the compared grid: the per-class areas (ha) derive from it."""
 
     @classmethod
     def empty(cls, classes: ClassMap, **kw: Any) -> Metrics:
@@ -90,7 +95,7 @@ class Metrics:
         for code, count in other.unmapped.items():
             unmapped[code] = unmapped.get(code, 0) + count
         return Metrics(self.confusion + other.confusion, self.classes, unmapped, self.prediction or other.prediction,
-                       self.reference or other.reference)
+                       self.reference or other.reference, self.pixel_area_m2 or other.pixel_area_m2)
 
     @property
     def pixels(self) -> int:
@@ -99,18 +104,27 @@ class Metrics:
 
     @cached_property
     def per_class(self) -> list[dict[str, Any]]:
-        """IoU, precision, recall, F1, support and predicted pixels of every class."""
+        """IoU, precision, recall, F1, support and predicted pixels (and hectares) of every class.
+
+        In the remote-sensing names: the user's accuracy is the precision (of the map), the producer's
+        accuracy the recall (of the reference); both are in each row under those names too.
+        """
         cm = np.asarray(self.confusion, dtype=np.int64)
         tp = np.diag(cm)
         support, predicted = cm.sum(1), cm.sum(0)
         rows = []
         for k, c in enumerate(self.classes):
             fp, fn = int(predicted[k] - tp[k]), int(support[k] - tp[k])
-            rows.append({
+            ha = self.pixel_area_m2 / 1e4 if self.pixel_area_m2 else None
+            row = {
                 "id": c.id, "name": c.name, "color": c.hex, "support": int(support[k]), "predicted": int(predicted[k]),
+                "reference_ha": None if ha is None else float(support[k] * ha),
+                "predicted_ha": None if ha is None else float(predicted[k] * ha),
                 "iou": _ratio(tp[k], tp[k] + fp + fn), "precision": _ratio(tp[k], tp[k] + fp),
                 "recall": _ratio(tp[k], tp[k] + fn), "f1": _ratio(2 * tp[k], 2 * tp[k] + fp + fn),
-            })
+            }
+            row.update(users_accuracy=row["precision"], producers_accuracy=row["recall"])
+            rows.append(row)
         return rows
 
     @property
@@ -325,7 +339,8 @@ def check_reference(ref: EvaluateConfig, grid: RasterGrid) -> None:
                          f"{tuple(round(v, 2) for v in pred_bounds)})")
 
 
-def evaluate_iou(prediction: Path, cfg: EvaluateConfig, *, client: Client | None = None) -> Metrics:
+def evaluate_iou(prediction: Path, cfg: EvaluateConfig, *, client: Client | None = None,
+                 progress: Progress | None = None) -> Metrics:
     """Metrics of a geoseg land-cover raster against ``cfg.reference``, streamed in ``cfg.block`` windows.
 
     With a Dask ``client`` the blocks run on its cluster; otherwise on two local threads.
@@ -340,9 +355,13 @@ def evaluate_iou(prediction: Path, cfg: EvaluateConfig, *, client: Client | None
     windows = [Window(c0, r0, min(block, grid.width - c0), min(block, grid.height - r0))
                for r0 in range(0, grid.height, block) for c0 in range(0, grid.width, block)]
     tasks = [dask.delayed(block_confusion, pure=True)(str(prediction), cfg, grid, w, classes) for w in windows]
-    total = Metrics.empty(classes, prediction=str(prediction), reference=str(cfg.reference))
-    for part in iter_results(tasks, client):
-        total = total.merge(part)
+    total = Metrics.empty(classes, prediction=str(prediction), reference=str(cfg.reference),
+                          pixel_area_m2=grid.pixel_area_m2)
+    with progress.stage("evaluating", len(tasks), "blocks") if progress else nullcontext() as stage:
+        for part in iter_results(tasks, client):
+            total = total.merge(part)
+            if stage:
+                stage.advance()
     if total.pixels == 0:
         raise InputError(f"{cfg.reference}: no pixel is valid in both the prediction and the reference")
     return total

@@ -51,6 +51,20 @@ class RasterGrid:
         t = self.transform
         return abs(t.a * t.e - t.b * t.d)
 
+    @property
+    def pixel_area_m2(self) -> float:
+        """Area of one pixel in square metres.
+
+        Exact in a projected CRS; in a geographic one, at the scene's centre latitude (WGS 84 metres per degree).
+        """
+        crs = self.crs
+        if crs.is_projected:
+            return self.pixel_area * crs.linear_units_factor[1] ** 2
+        lat = math.radians(self.transform.f + self.transform.e * self.height / 2)
+        per_deg_lon = 111412.84 * math.cos(lat) - 93.5 * math.cos(3 * lat)
+        per_deg_lat = 111132.92 - 559.82 * math.cos(2 * lat) + 1.175 * math.cos(4 * lat)
+        return self.pixel_area * per_deg_lon * per_deg_lat
+
     def window_transform(self, window: Window) -> Affine:
         """Transform of a window of this grid (``rasterio.windows.transform``)."""
         from rasterio.windows import transform

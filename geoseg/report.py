@@ -33,7 +33,8 @@ def write_reports(metrics: Metrics, out_dir: Path, overwrite: bool = False) -> d
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
     buf = io.StringIO()
-    fields = ["id", "name", "iou", "precision", "recall", "f1", "support", "predicted"]
+    fields = ["id", "name", "iou", "precision", "recall", "f1", "users_accuracy", "producers_accuracy", "support",
+              "predicted", "reference_ha", "predicted_ha"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(report["classes"])
@@ -52,11 +53,18 @@ def write_reports(metrics: Metrics, out_dir: Path, overwrite: bool = False) -> d
         f"| frequency-weighted IoU | {_fmt(report['frequency_weighted_iou'])} |",
         f"| overall accuracy | {_fmt(report['overall_accuracy'])} |",
         f"| Cohen's kappa | {_fmt(report['kappa'])} |", "",
-        "| id | class | IoU | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- | --- | --- |",
+        "User's accuracy is the precision of a map class (how often a pixel mapped as it is it), producer's "
+        "accuracy the recall of a reference class (how often it was mapped as such).", "",
+        "| id | class | IoU | user's accuracy (precision) | producer's accuracy (recall) | F1 | reference px "
+        "| mapped px | reference ha | mapped ha |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["classes"]:
+        ref_ha = "n/a" if r["reference_ha"] is None else f"{r['reference_ha']:,.2f}"
+        map_ha = "n/a" if r["predicted_ha"] is None else f"{r['predicted_ha']:,.2f}"
         lines.append(f"| {r['id']} | {r['name']} | {_fmt(r['iou'])} | {_fmt(r['precision'])} | "
-                     f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']:,} |")
+                     f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']:,} | {r['predicted']:,} | {ref_ha} | "
+                     f"{map_ha} |")
     unmapped = report.get("unmapped_reference_codes") or {}
     if unmapped:
         lines += ["", "Reference codes that map to no class (not counted): "
@@ -95,16 +103,24 @@ def _figures(report: dict, confusion_png: Path, iou_png: Path, overwrite: bool) 
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(names), 3.2))
-    ious = [c["iou"] if c["iou"] is not None else 0.0 for c in report["classes"]]
+    fig, ax = plt.subplots(figsize=(2.0 + 0.8 * len(names), 3.8))
+    ious = [c["iou"] for c in report["classes"]]
+    shown = [v if v is not None else 0.0 for v in ious]
     colors = [c.get("color", "#4477aa") for c in report["classes"]]
-    ax.bar(range(len(names)), ious, color=colors, edgecolor="black")
+    bars = ax.bar(range(len(names)), shown, color=colors, edgecolor="black")
+    for bar, v in zip(bars, ious):  # the values, so differences between classes near 1 stay readable
+        ax.annotate("n/a" if v is None else f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_ylim(0, 1)
+    present = [v for v in ious if v is not None]
+    low = max(0.0, min(present) - 0.1 * (1 - min(present)) - 0.02) if present else 0.0
+    ax.set_ylim(low, 1.04)  # fitted: the axis starts below the lowest IoU, not at 0
     ax.set_ylabel("IoU")
+    title = "Per-class IoU"
     if report["mean_iou"] is not None:
-        ax.axhline(report["mean_iou"], color="grey", linestyle="--", label=f"mIoU {report['mean_iou']:.3f}")
-        ax.legend()
+        ax.axhline(report["mean_iou"], color="grey", linestyle="--")
+        title += f" (mIoU {report['mean_iou']:.3f}, dashed)"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(iou_png, overwrite) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -8,6 +8,8 @@ output folder can be moved or synced to object storage as it is.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,15 +22,22 @@ from geoseg.classes import ClassMap
 from geoseg.grid import RasterGrid
 from geoseg.read import Raster
 
+log = logging.getLogger("geoseg")
+
 STAC_VERSION = "1.1.0"
 EXTENSIONS = [
     "https://stac-extensions.github.io/classification/v2.0.0/schema.json",
     "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
     "https://stac-extensions.github.io/processing/v1.2.0/schema.json",
+    "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
 ]
+GEOTIFF = "image/tiff; application=geotiff"
+COG = GEOTIFF + "; profile=cloud-optimized"
 
 _MEDIA = {
-    ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+    ".tif": COG,  # what geoseg writes
+    ".parquet": "application/vnd.apache.parquet",
+    ".xml": "application/xml",
     ".gpkg": "application/geopackage+sqlite3",
     ".fgb": "application/vnd.flatgeobuf",
     ".json": "application/json",
@@ -52,8 +61,35 @@ def footprint(grid: RasterGrid, points_per_side: int = 16) -> dict:
     xs, ys = xy(grid.transform, [r for r, _ in edge], [c for _, c in edge], offset="ul")
     ring = [[float(x), float(y)] for x, y in zip(xs, ys)]
     # Cut at the antimeridian (RFC 7946 3.1.9): a scene across it becomes a MultiPolygon of two parts.
-    return transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+    geom = transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring + ring[:1]]},
                           precision=7, antimeridian_cutting=True)
+    # RFC 7946 3.1.6: exterior rings counter-clockwise (the image's top-left, right, down walk is clockwise).
+    from shapely.geometry import mapping
+    from shapely.geometry.polygon import orient
+
+    oriented = shape(geom)
+    parts = [orient(p, sign=1.0) for p in getattr(oriented, "geoms", [oriented])]
+    out = mapping(parts[0] if len(parts) == 1 else type(oriented)(parts))
+    return {"type": out["type"], "coordinates": _lists(out["coordinates"])}
+
+
+def _lists(coords: Any) -> Any:
+    """Nested tuples of coordinates as nested lists (JSON arrays, as transform_geom gives them)."""
+    return [_lists(c) for c in coords] if isinstance(coords, (tuple, list)) and not isinstance(coords[0], float) \
+        else [float(v) for v in coords]
+
+
+def media_type(path: Path) -> str:
+    """The media type of a raster file: a GeoTIFF says cloud-optimized only when its layout is COG."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            if src.driver != "GTiff":
+                return f"image/x.{src.driver.lower()}"
+            return COG if src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" else GEOTIFF
+    except rasterio.errors.RasterioIOError:
+        return "application/octet-stream"
 
 
 def bbox(geom: dict) -> list[float]:
@@ -93,22 +129,28 @@ def acquisition_time(path: Path) -> str | None:
 
 
 def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: ClassMap, nodata: int, *,
-              metrics: dict | None = None, source: dict | None = None, staged: Path | None = None) -> dict[str, Any]:
+              metrics: dict | None = None, source: dict | None = None, staged: Path | None = None,
+              when: str | None = None, confidence_scale: float | None = None) -> dict[str, Any]:
     """A STAC Item for one scene's outputs (``outputs``: asset key -> path inside the scene's folder).
 
     ``staged``: where the outputs are while the item is written (their folder by default).
 
-    ``source``: the input's STAC Item when the scene came from one (its datetime is reused); otherwise the
-    input's TIFFTAG_DATETIME, or the processing time when it has none (``geoseg:datetime_source`` says which).
+    The acquisition time: ``when`` (``write.datetime``), else the source STAC Item's when the scene came from
+    one, else the input's TIFFTAG_DATETIME, else the processing time with a warning
+    (``geoseg:datetime_source`` says which). ``confidence_scale`` is the confidence raster's value scale.
     """
     grid = raster.grid
     geom = footprint(grid)
     now = datetime.now(timezone.utc).isoformat()
-    when, origin = (source or {}).get("datetime"), "source item"
+    origin = "write.datetime"
+    if not when:
+        when, origin = (source or {}).get("datetime"), "source item"
     if not when:
         when, origin = acquisition_time(raster.path), "input TIFFTAG_DATETIME"
     if not when:
         when, origin = now, "processing time"
+        log.warning("%s: no acquisition time (no TIFFTAG_DATETIME); the STAC Item's datetime is the processing "
+                    "time: set write.datetime to the scene's", raster.path.name)
     t = grid.transform
     props: dict[str, Any] = {
         "datetime": when, "created": now, "geoseg:datetime_source": origin,
@@ -129,12 +171,22 @@ def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: Cl
                                  "roles": _ROLES.get(key, ["metadata"]), "title": key.replace("_", " ")}
         if key == "landcover":
             asset["classification:classes"] = class_table(classes, nodata)
-            asset["nodata"] = nodata
+            asset["raster:bands"] = [{"nodata": nodata, "data_type": "uint8", "sampling": "area"}]
+        if key == "confidence" and confidence_scale is not None:
+            asset["raster:bands"] = [{"scale": confidence_scale, "offset": 0.0, "unit": "probability",
+                                      "nodata": 255 if confidence_scale != 1.0 else -1.0,
+                                      "data_type": "uint8" if confidence_scale != 1.0 else "float32"}]
         assets[key] = asset
     assets["manifest"] = {"href": "./run.json", "type": "application/json", "roles": ["metadata"],
                           "title": "geoseg run manifest"}
-    links = [{"rel": "derived_from", "href": (source or {}).get("href") or raster.path.absolute().as_uri(),
-              "type": "application/geo+json" if source else _MEDIA[".tif"]}]
+    # Relative, like the assets: the folder can move or sync with its inputs. A source item keeps its href.
+    folder = (staged.parent if staged else Path(next(iter(outputs.values()))).parent) if outputs else Path.cwd()
+    if source and source.get("href"):
+        link = {"rel": "derived_from", "href": source["href"], "type": "application/geo+json"}
+    else:
+        link = {"rel": "derived_from", "href": os.path.relpath(raster.path.absolute(), folder.absolute()),
+                "type": media_type(raster.path)}
+    links = [link]
     return {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": EXTENSIONS, "id": item_id,
             "geometry": geom, "bbox": bbox(geom),
             "properties": {k: v for k, v in props.items() if v is not None}, "links": links, "assets": assets}

@@ -41,6 +41,9 @@ from geoseg.training_data import (
 
 log = logging.getLogger("geoseg")
 
+#: Seconds between the lines a training epoch writes when not on a terminal.
+HEARTBEAT_S = 30.0
+
 #: What a training state must share with the config it resumes under.
 _STATE_KEYS = ("model", "bands", "classes", "ignore_codes", "train", "validation", "tile_size", "batch_size",
                "steps_per_epoch", "loss", "sampling", "augment", "seed")
@@ -220,13 +223,17 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         log.info("resuming at epoch %d of %d (best so far: epoch %d, mIoU %.4f)", start, cfg.epochs, best_epoch,
                  best_miou)
 
+    log.info("training %s/%s: epochs %d-%d of %d steps x %d windows of %d px on %s (%s); validation on %d regions",
+             cfg.model.architecture, cfg.model.encoder, start, cfg.epochs, cfg.steps_per_epoch, cfg.batch_size,
+             cfg.tile_size, device, precision, len(val_norm))
     bar = progress_bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, "training", progress)
     started = time.perf_counter() - elapsed0
     stopped_early = False
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         losses = []
-        for _ in range(cfg.steps_per_epoch):
+        beat = time.monotonic()
+        for step in range(1, cfg.steps_per_epoch + 1):
             xb, yb = _batch(sampler, cfg, norm, rng)
             xb, yb = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             opt.zero_grad(set_to_none=True)
@@ -242,6 +249,10 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             losses.append(loss.item())
             if bar:
                 bar.advance(bar.task_ids[0])
+            elif time.monotonic() - beat >= HEARTBEAT_S:  # a log file hears from a long epoch too
+                beat = time.monotonic()
+                log.info("epoch %d: step %d/%d, loss %.4f", epoch, step, cfg.steps_per_epoch,
+                         float(np.mean(losses[-20:])))
         model.eval()
         scores = validate(model, val_norm, spec, tiling, device, precision)
         metrics = scores.to_dict()

@@ -15,7 +15,8 @@ import logging
 import sqlite3
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from geoseg._io import atomic_path
+from geoseg._io import atomic_path, check_overwrite
 from geoseg.classes import ClassMap
 from geoseg.config import VectorizeConfig
 from geoseg.errors import ConfigError, InputError
@@ -35,6 +36,8 @@ from geoseg.grid import RasterGrid
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from geoseg.progress import Progress
 
 log = logging.getLogger("geoseg")
 
@@ -364,12 +367,34 @@ def qgis_vector_style(classes: ClassMap, field: str = "class_id") -> str:
     )
 
 
+def sld_vector_style(classes: ClassMap, field: str = "class_id") -> str:
+    """The same categorized style as OGC SLD 1.1 / SE (what GIS tools other than QGIS read)."""
+    rules = []
+    for c in classes:
+        r, g, b = c.color
+        rules.append(
+            f"<se:Rule><se:Name>{escape(c.name)}</se:Name><se:Description><se:Title>{escape(c.name)}</se:Title>"
+            f"</se:Description><ogc:Filter><ogc:PropertyIsEqualTo><ogc:PropertyName>{field}</ogc:PropertyName>"
+            f"<ogc:Literal>{c.id}</ogc:Literal></ogc:PropertyIsEqualTo></ogc:Filter><se:PolygonSymbolizer>"
+            f'<se:Fill><se:SvgParameter name="fill">{c.hex}</se:SvgParameter></se:Fill><se:Stroke>'
+            f'<se:SvgParameter name="stroke">#{r // 2:02x}{g // 2:02x}{b // 2:02x}</se:SvgParameter>'
+            f'<se:SvgParameter name="stroke-width">0.1</se:SvgParameter></se:Stroke></se:PolygonSymbolizer>'
+            "</se:Rule>")
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<StyledLayerDescriptor version="1.1.0" '
+            'xmlns="http://www.opengis.net/sld" xmlns:ogc="http://www.opengis.net/ogc" '
+            'xmlns:se="http://www.opengis.net/se" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation="http://www.opengis.net/sld '
+            'http://schemas.opengis.net/sld/1.1.0/StyledLayerDescriptor.xsd"><NamedLayer><se:Name>landcover'
+            f"</se:Name><UserStyle><se:Name>landcover</se:Name><se:FeatureTypeStyle>{''.join(rules)}"
+            "</se:FeatureTypeStyle></UserStyle></NamedLayer></StyledLayerDescriptor>\n")
+
+
 def gpkg_timestamp(when: datetime) -> str:
     """A GeoPackage timestamp: ISO 8601 in UTC with milliseconds and a Z (``%Y-%m-%dT%H:%M:%fZ``)."""
     return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
-def write_layer_style(gpkg: Path, layer: str, qml: str, when: datetime | None = None) -> None:
+def write_layer_style(gpkg: Path, layer: str, qml: str, when: datetime | None = None, sld: str = "") -> None:
     """Store ``qml`` as the default style of ``layer`` in the GeoPackage's ``layer_styles`` table (QGIS reads it).
 
     ``when`` (default now) stamps the style and the layer's ``last_change``: a fixed time makes the file
@@ -386,8 +411,8 @@ def write_layer_style(gpkg: Path, layer: str, qml: str, when: datetime | None = 
         con.execute(
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName,"
             " styleQML, styleSLD, useAsDefault, description, owner, ui, update_time) VALUES"
-            " ('', '', ?, 'geom', ?, ?, '', 1, 'land-cover classes (geoseg)', '', '', ?)",
-            (layer, layer, qml, stamp),
+            " ('', '', ?, 'geom', ?, ?, ?, 1, 'land-cover classes (geoseg)', '', '', ?)",
+            (layer, layer, qml, sld, stamp),
         )
         # Registered as an attribute table, as the GeoPackage spec wants for every user table (and as QGIS
         # does when it saves a style itself).
@@ -411,7 +436,8 @@ def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
 
 
 def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min_area: int | None = None,
-                     client: Client | None = None, lookahead: int = 2) -> Iterator[dict]:
+                     client: Client | None = None, lookahead: int = 2,
+                     on_row: Callable[[int], None] | None = None) -> Iterator[dict]:
     """The raster's polygons as finished :func:`features` batches, block row by block row.
 
     Together they are the polygons of one ``shapes`` call over the whole raster. ``lookahead`` rows are
@@ -454,6 +480,11 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
         """The merged polygons of all but the last ``keep`` rows, each row's in its groups' order."""
         while len(unions) > keep:
             row = unions.popleft()
+            if client is not None:
+                from geoseg.cluster import completed
+
+                for _ in completed(client, [fut for fut, _ in row]):  # bounded, as every wait on the cluster
+                    pass
             done = [(fut.result(), index) for fut, index in row]
             if local is None:
                 for fut, _ in row:
@@ -463,6 +494,8 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
 
     try:
         for row, results in zip(rows, map_in_order(tasks, client, lookahead)):
+            if on_row is not None:
+                on_row(len(row))
             groups = merger.add_row(int(row[0].row_off + row[0].height), [b for _, border in results for b in border])
             if groups:
                 submit_union(groups)
@@ -474,17 +507,27 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
             local.shutdown(wait=True, cancel_futures=True)
 
 
+#: Vector formats by extension: their OGR driver, and whether batches can be appended as they come.
+FORMATS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".parquet": "Parquet"}
+#: GeoPackage version written: 1.2 opens without warnings in GDAL 3.6 / QGIS 3.22 (GDAL 3.12 writes 1.4).
+GPKG_VERSION = "1.2"
+
+
+def style_sidecar(output: Path) -> Path | None:
+    """The ``.qml`` QGIS loads beside a vector file (FlatGeobuf, GeoParquet); a GeoPackage holds its own."""
+    return None if output.suffix.lower() == ".gpkg" else output.with_suffix(".qml")
+
+
 def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = None, *,
                       client: Client | None = None, overwrite: bool = False,
-                      timestamp: datetime | None = None) -> dict:
-    """Polygonize a class-id GeoTIFF into ``output`` (.gpkg, or .fgb by extension).
+                      timestamp: datetime | None = None, progress: Progress | None = None) -> dict:
+    """Polygonize a class-id GeoTIFF into ``output``: GeoPackage, FlatGeobuf or GeoParquet by extension.
 
     Blocks run on the Dask ``client`` when given, else on local threads; polygons are written in batches
-    in a fixed order, so the same raster gives the same file. ``timestamp`` (default now) is the
-    GeoPackage's change time. Returns counts and paths.
+    in a fixed order, so the same raster gives the same file. The class colours go with it: as the
+    GeoPackage's default style (QML and SLD in ``layer_styles``), else as a ``.qml`` beside the file.
+    ``timestamp`` (default now) is the GeoPackage's change time. Returns counts and paths.
     """
-    from pyogrio.raw import write as write_raw  # what write_dataframe calls, minus the GeoDataFrame
-
     from geoseg import _faults
     from geoseg.read import open_raster
 
@@ -492,6 +535,12 @@ def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = 
     output = Path(output)
     if not output.parent.is_dir():
         raise InputError(f"{output}: folder {output.parent} does not exist")
+    driver = FORMATS.get(output.suffix.lower())
+    if driver is None:
+        raise InputError(f"{output}: unsupported vector format; use .gpkg, .fgb or .parquet")
+    sidecar = style_sidecar(output)
+    if sidecar is not None:
+        check_overwrite(sidecar, overwrite)
     with open_raster(raster) as src:
         if src.crs is None:
             raise InputError(f"{raster}: has no CRS; polygons would not be georeferenced")
@@ -500,45 +549,112 @@ def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = 
         grid = RasterGrid.of(src)
         raw = src.tags().get("GEOSEG_CLASSES")
     classes = ClassMap.from_records(json.loads(raw)) if raw else ClassMap(())
-    suffix = output.suffix.lower()
-    driver = {".gpkg": "GPKG", ".fgb": "FlatGeobuf"}.get(suffix)
-    if driver is None:
-        raise InputError(f"{output}: unsupported vector format; use .gpkg or .fgb")
     # FlatGeobuf cannot append, and simplification needs the whole coverage: those are written at the end.
-    streaming = driver == "GPKG" and cfg.simplify <= 0
+    streaming = driver != "FlatGeobuf" and cfg.simplify <= 0
     min_area = min_area_pixels(cfg, grid)
     pending: list[dict] = []
     count = 0
     with atomic_path(output, overwrite=overwrite) as tmp:
-        written = False
+        sink = _ParquetSink(tmp, grid) if driver == "Parquet" else _OgrSink(tmp, driver, cfg.layer, grid)
 
         def write(batches: list[dict]) -> None:
-            nonlocal written
             feats = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else \
                 features(np.empty(0, dtype=object), [], grid)  # an all-nodata raster: a valid, empty layer
             if cfg.simplify > 0 and len(feats["wkb"]):
                 geoms = shapely.coverage_simplify(shapely.from_wkb(feats["wkb"]), cfg.simplify)
                 feats["area_m2"], feats["perimeter_m"] = measures(geoms, grid.crs)
                 feats["wkb"] = shapely.to_wkb(geoms)
-            names = np.array([classes.name_of(int(v)) for v in feats["class_id"]], dtype=object)
-            # The raw writer takes the workers' WKB as it is; a GeoDataFrame would parse it and encode it again.
-            write_raw(tmp, feats["wkb"], [feats["class_id"], names, feats["area_m2"], feats["perimeter_m"]],
-                              ["class_id", "class_name", "area_m2", "perimeter_m"], layer=cfg.layer,
-                              driver=driver, geometry_type="MultiPolygon", promote_to_multi=True, crs=grid.crs.to_wkt(),
-                              encoding="UTF-8", append=written)
-            written = True
+            feats["class_name"] = np.array([classes.name_of(int(v)) for v in feats["class_id"]], dtype=object)
+            sink.write(feats)
             _faults.point("vectorize")  # a layer half written
 
-        for feats in polygon_features(str(raster), cfg, grid, min_area=min_area, client=client):
-            count += len(feats["wkb"])
-            if len(feats["wkb"]):
-                pending.append(feats)
-            if streaming and sum(len(b["wkb"]) for b in pending) >= 20_000:
-                write(pending)
-                pending = []
-        if pending or not written:
+        n_blocks = sum(map(len, block_rows(grid.height, grid.width, cfg.block)))
+        with progress.stage("vectorizing", n_blocks, "blocks") if progress else nullcontext() as stage:
+            for feats in polygon_features(str(raster), cfg, grid, min_area=min_area, client=client,
+                                          on_row=stage.advance if stage else None):
+                count += len(feats["wkb"])
+                if len(feats["wkb"]):
+                    pending.append(feats)
+                if streaming and sum(len(b["wkb"]) for b in pending) >= 20_000:
+                    write(pending)
+                    pending = []
+        if pending or not sink.written:
             write(pending)
+        sink.close()
         if driver == "GPKG":
-            write_layer_style(tmp, cfg.layer, qgis_vector_style(classes), timestamp)
+            write_layer_style(tmp, cfg.layer, qgis_vector_style(classes), timestamp, sld=sld_vector_style(classes))
+    styles = None
+    if sidecar is not None:
+        with atomic_path(sidecar, overwrite=True) as tmp:
+            tmp.write_text(qgis_vector_style(classes))
+        styles = str(sidecar)
     blocks = sum(map(len, block_rows(grid.height, grid.width, cfg.block)))
-    return {"path": str(output), "features": count, "blocks": blocks}
+    return {"path": str(output), "features": count, "blocks": blocks, "style": styles}
+
+
+_COLUMNS = ["class_id", "class_name", "area_m2", "perimeter_m"]
+
+
+class _OgrSink:
+    """Batches into an OGR layer through pyogrio's raw writer (the workers' WKB as it is, no GeoDataFrame)."""
+
+    def __init__(self, path: Path, driver: str, layer: str, grid: RasterGrid) -> None:
+        self.path, self.driver, self.layer, self.crs = path, driver, layer, grid.crs.to_wkt()
+        self.written = False
+
+    def write(self, feats: dict) -> None:
+        from pyogrio.raw import write as write_raw
+
+        options = {"VERSION": GPKG_VERSION} if self.driver == "GPKG" and not self.written else None
+        write_raw(self.path, feats["wkb"], [feats[c] for c in _COLUMNS], _COLUMNS, layer=self.layer,
+                  driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True, crs=self.crs,
+                  encoding="UTF-8", append=self.written, dataset_options=options)
+        self.written = True
+
+    def close(self) -> None:
+        """Nothing held open."""
+
+
+class _ParquetSink:
+    """Batches as row groups of a GeoParquet 1.1 file: MultiPolygon WKB, PROJJSON CRS (streamed: flat memory)."""
+
+    def __init__(self, path: Path, grid: RasterGrid) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(f"{path.name}: GeoParquet output needs pyarrow: pip install 'geoseg[parquet]'") from None
+        geo = {"version": "1.1.0", "primary_column": "geometry",
+               "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["MultiPolygon"],
+                                        "crs": _projjson(grid.crs)}}}
+        schema = pa.schema([("class_id", pa.int32()), ("class_name", pa.string()), ("area_m2", pa.float64()),
+                            ("perimeter_m", pa.float64()), ("geometry", pa.binary())],
+                           metadata={b"geo": json.dumps(geo).encode()})
+        self.writer = pq.ParquetWriter(str(path), schema)
+        self.schema = schema
+        self.written = False
+
+    def write(self, feats: dict) -> None:
+        import pyarrow as pa
+
+        geoms = shapely.from_wkb(feats["wkb"])
+        single = shapely.get_type_id(geoms) == 3  # polygons become one-part multipolygons, as in the GeoPackage
+        if single.any():
+            geoms[single] = shapely.multipolygons(geoms[single], indices=np.arange(int(single.sum())))
+        table = pa.table({"class_id": pa.array(feats["class_id"], pa.int32()),
+                          "class_name": pa.array(feats["class_name"].tolist(), pa.string()),
+                          "area_m2": pa.array(feats["area_m2"], pa.float64()),
+                          "perimeter_m": pa.array(feats["perimeter_m"], pa.float64()),
+                          "geometry": pa.array(shapely.to_wkb(geoms).tolist(), pa.binary())}, schema=self.schema)
+        self.writer.write_table(table)
+        self.written = True
+
+    def close(self) -> None:
+        """Finish the file."""
+        self.writer.close()
+
+
+def _projjson(crs: Any) -> Any:
+    from pyproj import CRS
+
+    return CRS.from_user_input(crs).to_json_dict()

@@ -41,11 +41,17 @@ class RasterWriter:
         colormap: dict | None = None,
         tags: dict | None = None,
         description: str | None = None,
+        scale: float | None = None,
+        histogram: bool = False,
+        creation_options: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.counts = np.zeros(256, dtype=np.int64) if histogram else None
+        """Pixels per value (uint8 rasters with ``histogram``): the attribute table's counts."""
         check_overwrite(self.path, overwrite)
         self.overwrite = overwrite
         self.compress, self.overviews, self.resampling = compress, overviews, resampling
+        self.creation_options = dict(creation_options or {})
         self._scratch = temporary_name(self.path.with_name(self.path.name + ".scratch"))
         profile = {
             "driver": "GTiff",
@@ -72,11 +78,16 @@ class RasterWriter:
             self._ds.update_tags(**tags)
         if description:
             self._ds.set_band_description(1, description)
+        if scale is not None:
+            # GDAL's own scale/offset (GDAL_METADATA tag): QGIS, gdalinfo and zonal statistics read them.
+            self._ds.scales, self._ds.offsets = (scale,), (0.0,)
 
     def write(self, window: Window, data: np.ndarray) -> None:
         """Write one block."""
         with self._naming_the_file():
             self._ds.write(data, 1, window=window)
+        if self.counts is not None:
+            self.counts += np.bincount(data.ravel(), minlength=256)
 
     @contextmanager
     def _naming_the_file(self) -> Iterator[None]:
@@ -105,6 +116,7 @@ class RasterWriter:
                 }
                 if self.compress in ("deflate", "zstd", "lzw"):
                     options["PREDICTOR"] = "NO"
+                options.update(self.creation_options)
                 with self._naming_the_file():
                     rasterio.shutil.copy(self._scratch, tmp, driver="COG", **options)
         finally:
@@ -119,7 +131,8 @@ class RasterWriter:
 
 
 def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: int, *, compress: str,
-                     overviews: bool, overwrite: bool = False) -> RasterWriter:
+                     overviews: bool, overwrite: bool = False,
+                     creation_options: dict[str, str] | None = None) -> RasterWriter:
     """Writer for the class-id raster: uint8, colour table, class names in the metadata."""
     names = {str(c.id): c.name for c in classes}
     return RasterWriter(
@@ -127,21 +140,26 @@ def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: in
         compress=compress, overviews=overviews, resampling="mode", overwrite=overwrite,
         colormap=classes.colormap(nodata),
         tags={"GEOSEG_CLASSES": json.dumps(classes.to_records()), "CLASS_NAMES": json.dumps(names)},
-        description="land cover class",
+        description="land cover class", histogram=True, creation_options=creation_options,
     )
 
 
 def confidence_writer(path: Path, grid: RasterGrid, dtype: str, *, compress: str, overviews: bool,
-                      overwrite: bool = False) -> RasterWriter:
+                      overwrite: bool = False, creation_options: dict[str, str] | None = None) -> RasterWriter:
     """Writer for the top-class probability: uint8 0-250 (255 nodata) or float16-valued float32."""
     # GeoTIFF has no float16 sample type in GDAL < 3.11; float16 values are stored in float32.
     out_dtype, nodata = ("uint8", 255) if dtype == "uint8" else ("float32", -1.0)
-    scale = "probability x 250" if dtype == "uint8" else "probability"
+    scale = CONFIDENCE_SCALE if dtype == "uint8" else 1.0
     return RasterWriter(
         path, grid, out_dtype, nodata,
         compress=compress, overviews=overviews, resampling="average", overwrite=overwrite,
-        tags={"CONFIDENCE_SCALE": scale}, description="top class probability",
+        tags={"CONFIDENCE_SCALE": "value x scale = probability"}, description="top class probability",
+        scale=scale, creation_options=creation_options,
     )
+
+
+#: uint8 confidence: stored value x 1/250 is the probability (255 is nodata).
+CONFIDENCE_SCALE = 1 / 250
 
 
 def encode_confidence(conf: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
@@ -175,3 +193,61 @@ def write_qgis_style(path: Path, classes: ClassMap, nodata: int) -> Path:
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(qml)
     return path
+
+
+def write_categories(tif: Path, classes: ClassMap, nodata: int, counts: np.ndarray,
+                     pixel_area_m2: float | None) -> Path:
+    """GDAL's own class metadata for a class-id GeoTIFF: category names and a raster attribute table.
+
+    Written as the PAM sidecar ``<name>.aux.xml`` (GDAL's mechanism for what GeoTIFF cannot hold): gdalinfo
+    lists the categories and the table (value, class name, colour, pixel count, area), and QGIS shows the
+    names without a style file. The colour table stays in the TIFF itself.
+    """
+    by_id = {c.id: c for c in classes}
+    top = max([*by_id, nodata])
+    names = "".join(f"      <Category>{escape(by_id[v].name) if v in by_id else ''}</Category>\n"
+                    for v in range(top + 1))
+    # GDAL field types: 0 integer, 1 real, 2 string; usages: 5 min-max (the value), 2 name, 6-9 RGBA,
+    # 1 pixel count, 0 generic.
+    fields = [("Value", 0, 5), ("Class", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8), ("Alpha", 0, 9),
+              ("Count", 0, 1), ("Area_ha", 1, 0)]
+    defs = "".join(f'      <FieldDefn index="{k}"><Name>{n}</Name><Type>{t}</Type><Usage>{u}</Usage></FieldDefn>\n'
+                   for k, (n, t, u) in enumerate(fields))
+    rows = []
+    for k, c in enumerate(classes):
+        area = "" if pixel_area_m2 is None else f"{counts[c.id] * pixel_area_m2 / 1e4:.4f}"
+        cells = [str(c.id), escape(c.name), *map(str, c.color), "255", str(int(counts[c.id])), area]
+        rows.append(f'      <Row index="{k}">' + "".join(f"<F>{v}</F>" for v in cells) + "</Row>\n")
+    xml = (f'<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>\n{names}    </CategoryNames>\n'
+           f'    <GDALRasterAttributeTable tableType="thematic">\n{defs}{"".join(rows)}'
+           "    </GDALRasterAttributeTable>\n  </PAMRasterBand>\n</PAMDataset>\n")
+    path = tif.with_name(tif.name + ".aux.xml")
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(xml)
+    return path
+
+
+def write_confidence_style(path: Path, dtype: str) -> Path:
+    """QGIS style for confidence.tif: grey (uncertain) to green (certain), in probability units."""
+    top = 1.0
+    stops = [(0.0, "#3b3b3b"), (0.5, "#9e9e9e"), (0.8, "#a6d96a"), (1.0, "#1a9641")]
+    items = "\n".join(f'            <item alpha="255" value="{v * top:g}" color="{c}" label="{v:.0%}"/>'
+                      for v, c in stops)
+    qml = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22" styleCategories="Symbology">
+  <pipe>
+    <rasterrenderer type="singlebandpseudocolor" band="1" opacity="1" classificationMin="0" classificationMax="{top:g}">
+      <rastershader>
+        <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0" minimumValue="0"
+                         maximumValue="{top:g}">
+{items}
+        </colorrampshader>
+      </rastershader>
+    </rasterrenderer>
+  </pipe>
+  <!-- {dtype}: values are probabilities once GDAL's scale is applied (QGIS applies it) -->
+</qgis>
+"""
+    with atomic_path(Path(path), overwrite=True) as tmp:
+        tmp.write_text(qml)
+    return Path(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,3 +80,80 @@ def test_sample_and_run_end_to_end(tmp_path, fcn_checkpoint):  # noqa: ANN001
     assert geoseg("run", str(cfg), "--overwrite").returncode == 0
     r = geoseg("evaluate", str(tmp_path / "out" / "landcover.tif"), str(tmp_path / "s" / "labels.tif"))
     assert r.returncode == 0 and 0 <= json.loads(r.stdout)["overall_accuracy"] <= 1
+
+
+def test_run_takes_a_raster_with_gdal_style_options(tmp_path, fcn_checkpoint, sample_scene):
+    """geoseg run SCENE.tif --model M -o OUT --co KEY=VALUE: the shipped defaults, options anywhere."""
+    out = tmp_path / "out"
+    r = geoseg("run", str(sample_scene.image), "--model", str(fcn_checkpoint), "-o", str(out), "--co",
+               "BLOCKSIZE=256", "--set", "tile.size=64", "--set", "tile.overlap=16", "-q", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "done" and manifest["config"]["vectorize"]["min_area_px"] == 4
+    import rasterio
+
+    with rasterio.open(out / "landcover.tif") as src:
+        assert src.block_shapes[0] == (256, 256)
+    default = geoseg("run", str(sample_scene.image), "--model", str(fcn_checkpoint), "--set", "tile.size=64",
+                     "--set", "tile.overlap=16", cwd=str(tmp_path))
+    assert default.returncode == 0 and (tmp_path / "scene-landcover" / "landcover.tif").exists()
+    assert "wrote" in default.stderr.splitlines()[-2]
+
+
+def test_run_says_what_kind_of_file_it_expected(tmp_path, fcn_checkpoint, sample_scene):
+    line = one_line_error(geoseg("run", str(sample_scene.image)))
+    assert "--model: required with a raster SOURCE (scene.tif)" in line
+    line = one_line_error(geoseg("run", str(sample_scene.image), "--config", str(sample_scene.labels),
+                                 "--model", str(fcn_checkpoint)))
+    assert "--config" in line and "is a raster, not a pipeline YAML" in line
+    line = one_line_error(geoseg("run", str(sample_scene.image), "--model", str(sample_scene.labels)))
+    assert "labels.tif: is a TIFF raster, not a model checkpoint" in line
+    line = one_line_error(geoseg("vectorize", str(sample_scene.labels), str(tmp_path / "missing" / "v.gpkg")))
+    assert "folder" in line and "does not exist" in line
+
+
+def test_log_lines_off_a_terminal_carry_time_stamps_and_stage_progress(tmp_path, fcn_checkpoint, sample_scene):
+    r = geoseg("run", str(sample_scene.image), "--model", str(fcn_checkpoint), "-o", str(tmp_path / "o"),
+               "--set", "tile.size=64", "--set", "tile.overlap=16", "--set", f"evaluate.reference={sample_scene.labels}")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    stamped = [ln for ln in lines if re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ", ln)]
+    assert any("segmenting: done" in ln for ln in stamped) and any("vectorizing: done" in ln for ln in stamped)
+    assert any("evaluating: done" in ln for ln in stamped)
+    assert re.search(r"mIoU 0\.\d{4} over \d classes", lines[-2])
+
+
+def test_progress_eta_counts_resumed_work_as_done_but_not_in_the_rate():
+    from geoseg.progress import Stage
+
+    stage = Stage("segmenting", 100, "tiles", done=60)
+    assert stage.eta() is None  # nothing inferred in this run yet: no rate
+    stage._start -= 10
+    stage.advance(20)
+    assert stage.eta() == pytest.approx(10.0, rel=0.05)  # 20 tiles in 10 s, 20 left
+    assert "80/100 tiles (80%)" in stage.line()
+
+
+def test_the_dashboard_without_bokeh_names_the_extra(monkeypatch):
+    from geoseg.cluster import open_client
+    from geoseg.config import ClusterConfig
+    from geoseg.errors import ClusterError
+
+    monkeypatch.setitem(sys.modules, "bokeh", None)
+    with pytest.raises(ClusterError, match=r"needs bokeh>=3.1: pip install 'geoseg\[dashboard\]'"):
+        with open_client(ClusterConfig(dashboard=True)):
+            pass
+
+
+def test_the_dashboard_serves_its_pages_when_asked_for():
+    """cluster.dashboard: true gives a link whose status page is the real dashboard (bokeh, test extra)."""
+    from urllib.request import urlopen
+
+    from geoseg.cluster import open_client
+    from geoseg.config import ClusterConfig
+
+    with open_client(ClusterConfig(dashboard=True, n_workers=1, threads_per_worker=1)) as client:
+        link = client.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        page = urlopen(link, timeout=30).read().decode()
+    assert "bokeh" in page.lower() and "needs bokeh" not in page.lower()

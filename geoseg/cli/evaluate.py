@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from geoseg.cli.options import verbosity
 from geoseg.config import EvaluateConfig
 
 _DEFAULTS = EvaluateConfig.model_fields
@@ -37,6 +38,7 @@ def _pairs(values: tuple[str, ...]) -> dict[int, int]:
 @click.option("--block", type=int, default=None, help=f"Window side for streaming [default: "
               f"{_DEFAULTS['block'].default}].")
 @click.option("--overwrite", is_flag=True, help="Replace existing report files.")
+@verbosity
 def command(prediction: str, reference: str, out_dir: str | None, attribute: str | None, layer: str | None,
             mapping: tuple[str, ...], ignore: tuple[int, ...], nodata: float | None, block: int | None,
             overwrite: bool) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from geoseg.cli.options import verbosity
+
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
@@ -14,6 +16,7 @@ import click
 @click.option("--verify", "verify_with", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Raster whose tiles the export is checked on (default: synthetic tiles).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+@verbosity
 def command(model: str, fmt: str, output: str | None, tile: int | None, verify_with: str | None,
             overwrite: bool) -> None:
     """Write MODEL (a geoseg checkpoint) as ONNX, with its bands, normalisation and classes as metadata."""

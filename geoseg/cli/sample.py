@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geoseg.cli.options import overwrite_option
+from geoseg.cli.options import overwrite_option, verbosity
 
 
 @click.command("sample")
@@ -15,6 +15,7 @@ from geoseg.cli.options import overwrite_option
 @click.option("--crs", default="EPSG:32631", show_default=True, help="Projected CRS of the scene.")
 @click.option("--resolution", default=10.0, show_default=True, type=float, help="Pixel size in CRS units.")
 @overwrite_option
+@verbosity
 def command(out_dir: str, size: int, width: int | None, seed: int, crs: str, resolution: float,
             overwrite: bool) -> None:
     """Write OUT_DIR/scene.tif (4-band uint16) and OUT_DIR/labels.tif (land-cover classes)."""

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from geoseg.cli.options import config_argument, overwrite_option, set_option
+from geoseg.cli.options import config_argument, overwrite_option, set_option, verbosity
 
 
 @click.command("train")
@@ -15,6 +15,7 @@ from geoseg.cli.options import config_argument, overwrite_option, set_option
 @overwrite_option
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Override the number of epochs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its training state (same config).")
+@verbosity
 def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None, resume: bool) -> None:
     """Train an smp model on scenes and label rasters; keep the best checkpoint by validation mIoU."""
     from geoseg.config import TrainConfig, load_config

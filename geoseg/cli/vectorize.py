@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from geoseg.cli.options import verbosity
 from geoseg.config import VectorizeConfig
 
 _DEFAULTS = VectorizeConfig.model_fields
@@ -28,6 +29,7 @@ def _default(name: str) -> str:
               + _default("simplify"))
 @click.option("--block", type=int, default=None, help="Block side in pixels." + _default("block"))
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+@verbosity
 def command(raster: str, output: str, layer: str | None, connectivity: str | None, min_area_px: int | None,
             min_area_m2: float | None, simplify: float | None, block: int | None, overwrite: bool) -> None:
     """Polygonize RASTER block by block, merge across blocks, write OUTPUT (.gpkg or .fgb)."""

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from geoseg.models import ModelSpec
+    from geoseg.progress import Progress
 
 __all__ = ["Block", "SegmentStats", "model_key", "predict_array", "segment_scene", "tile_grid"]
 
@@ -104,13 +106,14 @@ def work_fingerprint(raster: Raster, cfg: SegmentConfig) -> str:
 
 def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: Path, *,
                   stats: SegmentStats | None = None, scores: Path | None = None, keep_tiles: Path | None = None,
-                  progress: Callable[[Block], None] | None = None, cleanup: bool = True) -> Iterator[Block]:
+                  progress: Progress | None = None, cleanup: bool = True) -> Iterator[Block]:
     """Run the tile/infer/stitch graph of ``raster`` on ``client``; yield its stitched blocks as they finish.
 
     ``workdir`` is the scratch folder: resumed when it holds this work, and removed once every block has
     been yielded unless ``cleanup`` is False (the caller removes it when its own later stages are done).
     ``stats`` is filled in as the graph runs; ``scores`` keeps the class probabilities as Zarr there,
-    ``keep_tiles`` moves the tile store there at the end.
+    ``keep_tiles`` moves the tile store there at the end. ``progress`` shows the tiles inferred (counted as
+    each batch finishes on a worker; a resumed chunk's tiles count as done from the start).
     """
     import dask
     from distributed import get_task_stream
@@ -129,8 +132,10 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     ny, nx = grid.chunks_shape
     stats.device, stats.precision, stats.chunks = device, precision, (ny, nx)
     per_host, limited = tasks_per_host(client)
+    token = dask.base.tokenize(str(workdir), dump_config(cfg), time.time())
+    topic = f"geoseg-progress-{token}"
     settings = InferSettings(cfg.infer.batch_size, cfg.infer.tta, _threads(cfg, device, per_host, ny * nx),
-                             cfg.stitch.blend)
+                             blend=cfg.stitch.blend, topic=topic)
 
     def create(s: Scratch) -> None:
         create_tile_store(s.tiles, raster, grid)
@@ -154,7 +159,6 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     # the tile tasks of its 3 x 3 neighbourhood, not for the whole scene, and stitching a chunk waits for the
     # inference of its neighbourhood. Built from delayed tasks rather than dask.array blocks: annotations on
     # array layers do not reach the scheduler in this dask (2026.8), and the priority and GPU resource must.
-    token = dask.base.tokenize(tiles_path, dump_config(cfg), time.time())
     tiled = {(i, j): dask.delayed(run_once, pure=False)(
         markers, "tile", i, j, write_chunk, raster, tiles_path, grid, i, j,
         dask_key_name=f"geoseg-tile-{token}-{i}-{j}") for i in range(ny) for j in range(nx)}
@@ -179,12 +183,18 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
                                                   dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
                  for i in range(ny) for j in range(nx)]
 
-    with model_on_workers(client, key), get_task_stream(client) as stream:
+    done_chunks = {(int(m.name.split("-")[1]), int(m.name.split("-")[2])) for m in scratch.markers.glob("infer-*")}
+    resumed = int(sum(tiles_in[c] for c in done_chunks))
+    with ExitStack() as stack:
+        stack.enter_context(model_on_workers(client, key))
+        stream = stack.enter_context(get_task_stream(client))
+        if progress is not None:
+            stage = stack.enter_context(progress.stage("segmenting", int(tiles_in.sum()), "tiles", done=resumed))
+            client.subscribe_topic(topic, lambda event: stage.advance(int(event[1])))
+            stack.callback(client.unsubscribe_topic, topic)
         for block in iter_results(tasks, client):
             stats.tiles_inferred += block.tiles
             stats.valid_pixels += block.valid_pixels
-            if progress is not None:
-                progress(block)
             yield block
     stats.task_seconds = _task_seconds(stream.data, token)
     if keep_tiles is not None:
@@ -201,7 +211,7 @@ def infer_annotations(device: str, n_tiles: int, limited: bool = False) -> dict[
 
     Its work as priority; an INFER slot of its worker where the workers offer them; on CUDA, one GPU.
     """
-    from geoseg.cluster import INFER
+    from geoseg.workerenv import INFER
 
     resources = {**({INFER: 1} if limited else {}), **({"GPU": 1} if device == "cuda" else {})}
     return {"priority": n_tiles, **({"resources": resources} if resources else {})}

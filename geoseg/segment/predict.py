@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,15 @@ _MODELS: OrderedDict[ModelKey, Predictor] = OrderedDict()
 _LOCK = threading.Lock()
 #: Models kept per worker process (two scenes of a batch with different models run side by side).
 _KEEP = 2
+
+
+def _use_threads(threads: int | None) -> None:
+    """Set the intra-op threads of the calling thread (OpenMP's count is per thread; the workers' slots share one)."""
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -83,12 +92,14 @@ class Predictor:
         return x
 
     def predict(self, tiles: np.ndarray, batch_size: int = 2, tta: bool = False,
-                threads: int | None = None) -> np.ndarray:
-        """Class probabilities (N, classes, H, W) float32 for normalised tiles (N, bands, H, W)."""
+                threads: int | None = None, done: Callable[[int], None] | None = None) -> np.ndarray:
+        """Class probabilities (N, classes, H, W) float32 for normalised tiles (N, bands, H, W).
+
+        ``threads``: intra-op threads (None: torch's own). ``done`` hears of each batch's tile count as it finishes.
+        """
         import torch
 
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        _use_threads(threads)
         out = np.empty((tiles.shape[0], self.n_classes, *tiles.shape[2:]), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, len(tiles), batch_size):
@@ -102,12 +113,14 @@ class Predictor:
                             logits += self.model(x.flip(dims)).float().flip(dims)
                         logits /= 4
                 out[s : s + batch_size] = torch.softmax(logits, dim=1).cpu().numpy()
+                if done is not None:
+                    done(len(x))
         return out
 
 
     def blend_on_device(self, data: np.ndarray, valid: np.ndarray, offsets: list[tuple[int, int]],
                         weights: list[np.ndarray], out: tuple[int, int, int, int], batch_size: int, tta: bool,
-                        threads: int | None = None) -> np.ndarray:
+                        threads: int | None = None, done: Callable[[int], None] | None = None) -> np.ndarray:
         """Weighted probability sums of tiles, computed where the model is (the GPU path; runs on CPU too).
 
         The raw extent ``data`` goes to the device once (from pinned memory, without blocking), is
@@ -117,8 +130,7 @@ class Predictor:
         """
         import torch
 
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        _use_threads(threads)
         dev = self.device
         pin = dev.type == "cuda"
 
@@ -153,6 +165,8 @@ class Predictor:
                     ww = upload(w[r0 - r : r1 - r, c0 - c : c1 - c])
                     sums[:k, r0 - o_r : r1 - o_r, c0 - o_c : c1 - o_c] += p[:, r0 - r : r1 - r, c0 - c : c1 - c] * ww
                     sums[k, r0 - o_r : r1 - o_r, c0 - o_c : c1 - o_c] += ww
+                if done is not None:
+                    done(len(part))
         return sums.cpu().numpy()
 
 

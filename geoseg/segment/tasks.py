@@ -26,9 +26,27 @@ class InferSettings:
     batch_size: int = 4
     tta: bool = False
     threads: int | None = None
+    """Intra-op threads of each inference task (None: torch's default). Fixed, never adapted to how many
+    tasks run at once: some models' forward pass is not bit-identical across thread counts, and results
+    must not depend on timing."""
     blend: str = "crop"
     on_device: bool = False
     """Normalise, blend and accumulate where the model runs (always on CUDA; on the CPU for tests)."""
+    topic: str | None = None
+    """Worker event topic that hears of every batch inferred (the client's progress bar)."""
+
+
+def _tiles_done(topic: str | None) -> Callable[[int], None] | None:
+    """A callback telling the client ``n`` more tiles are inferred, through a worker event (None off a worker)."""
+    if topic is None:
+        return None
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not in a Dask worker (the local-threads path)
+        return None
+    return lambda n: worker.log_event(topic, n)
 
 
 def tiles_to_infer(tiles: list[Tile], extent: Window, valid: np.ndarray) -> list[Tile]:
@@ -91,16 +109,17 @@ def infer_chunk(tiles_path: str, acc_path: str, layout: AccumulatorLayout, i: in
         sums = np.zeros((layout.channels, int(out.height), int(out.width)), dtype=np.float32)
     else:
         predictor = get_predictor(key)
+        threads, done = settings.threads, _tiles_done(settings.topic)
         if settings.on_device or predictor.device.type == "cuda":
             offsets = [(int(t.window.row_off - extent.row_off), int(t.window.col_off - extent.col_off)) for t in todo]
             weights = [tile_weights(t, grid.size, grid.overlap, settings.blend) for t in todo]
             box = (int(out.row_off - extent.row_off), int(out.col_off - extent.col_off), int(out.height),
                    int(out.width))
             sums = predictor.blend_on_device(data, valid, offsets, weights, box, settings.batch_size, settings.tta,
-                                             settings.threads)
+                                             threads, done=done)
         else:
             x = predictor.normalize(data, valid)
-            sums = blend_tiles(lambda b: predictor.predict(b, settings.batch_size, settings.tta, settings.threads),
+            sums = blend_tiles(lambda b: predictor.predict(b, settings.batch_size, settings.tta, threads, done=done),
                                x, todo, extent, out, grid, layout.n_classes, settings.blend)
     layout.store(acc_path, i, j, sums)
     return len(todo)
