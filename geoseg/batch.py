@@ -6,6 +6,10 @@ whose ``run.json`` says it finished with the same fingerprint (input, model, set
 changed is redone, and a scene interrupted earlier continues from its finished chunks. A scene that fails
 is recorded and the others carry on. The manifest (``batch.csv``, then ``batch.json`` last) has one row per
 scene: status (done, skipped, failed, interrupted), seconds, outputs and the error.
+
+Failures are remembered: a scene that failed because of its input (an unreadable raster, bands or CRS the
+model cannot use: :data:`INPUT_FAILURES`) is not run again by later batches while its fingerprint stays
+the same (``retry_failed`` does); a transient failure (a worker lost, a time limit, the cluster) is retried.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geoseg import interrupt
 from geoseg._io import write_text_atomic
 from geoseg.config import PipelineConfig
-from geoseg.errors import GeosegError, InputError
+from geoseg.errors import CheckpointError, ConfigError, GeosegError, InputError
 from geoseg.fingerprint import output_fingerprint
 from geoseg.pipeline import holds_run, previous_status, run_pipeline
 
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("geoseg")
 
 BATCH_MANIFEST = "batch.json"
+#: Errors that come from a scene's input (or the model's fit to it): the same input fails the same way.
+INPUT_FAILURES = (InputError, CheckpointError, ConfigError)
 
 
 @dataclass(frozen=True)
@@ -140,13 +147,20 @@ class BatchReport:
         """Every scene done or skipped."""
         return all(r["status"] in ("done", "skipped") for r in self.rows)
 
+    @property
+    def interrupted(self) -> bool:
+        """Some scene was stopped by a stop request (and none failed for another reason since)."""
+        return any(r["status"] == "interrupted" for r in self.rows)
 
-def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
+
+def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, retry_failed: bool = False,
               client: Client | None = None) -> BatchReport:
     """Run every scene into ``cfg.output_dir/<scene>/``; failures are recorded, not raised.
 
-    ``force`` redoes finished scenes too. ``client``: an existing Dask client instead of ``cfg.cluster``'s.
-    The batch folder is locked for the batch, and each scene's folder for its run.
+    ``force`` redoes finished scenes too; ``retry_failed`` runs scenes whose unchanged input failed before.
+    ``client``: an existing Dask client instead of ``cfg.cluster``'s. The batch folder is locked for the
+    batch, and each scene's folder for its run. A stop request (SIGINT, SIGTERM) ends it within seconds: the
+    unfinished scenes are ``interrupted`` in the manifest, and ``KeyboardInterrupt`` is raised.
     """
     from geoseg.transaction import FolderLock
 
@@ -156,10 +170,18 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False,
     except OSError as exc:
         raise InputError(f"output_dir: cannot create {cfg.output_dir} ({exc.strerror})") from None
     with FolderLock(cfg.output_dir, what="batch"):
-        return _run_batch(cfg, scenes, report, force, client)
+        return _run_batch(cfg, scenes, report, force, retry_failed, client)
 
 
-def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, force: bool,
+def previous_rows(path: Path) -> dict[str, dict]:
+    """The rows of an earlier batch manifest by scene (empty when there is none or it is unreadable)."""
+    try:
+        return {r["scene"]: r for r in json.loads(path.read_text()).get("scenes", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, force: bool, retry_failed: bool,
                client: Client | None) -> BatchReport:
     from geoseg.cluster import open_client
     from geoseg.device import resolve_device
@@ -167,42 +189,72 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
     from geoseg.segment.predict import model_on_workers
 
     started = datetime.now(timezone.utc)
+    earlier = previous_rows(report.path)
     todo: list[tuple[PipelineConfig, Scene, dict]] = []
+    remembered = 0
     for scene in scenes:
         out = cfg.output_dir / scene.name
         row: dict[str, Any] = {"scene": scene.name, "input": str(scene.path), "output_dir": str(out),
-                               "status": "pending", "seconds": 0.0, "landcover": "", "error": ""}
+                               "status": "pending", "seconds": 0.0, "landcover": "", "error": "", "failure": ""}
         report.rows.append(row)
         scene_cfg = cfg.model_copy(update={"input": scene.path, "output_dir": out})
         try:
             fingerprint = output_fingerprint(scene_cfg)
         except OSError as exc:
-            row.update(status="failed", error=f"{scene.path}: {exc.strerror or exc}")
+            row.update(status="failed", failure="input", error=f"{scene.path}: {exc.strerror or exc}")
             continue
+        row["fingerprint"] = fingerprint
         if not force and holds_run(scene_cfg, fingerprint):
             row.update(status="skipped", landcover=str(out / "landcover.tif"))
+            continue
+        before = earlier.get(scene.name, {})
+        if (not (force or retry_failed) and before.get("status") == "failed" and before.get("failure") == "input"
+                and before.get("fingerprint") == fingerprint):
+            # The same input fails the same way: not worth a worker job every night.
+            error = str(before.get("error", ""))
+            row.update(status="failed", failure="input", failed_at=before.get("failed_at", ""),
+                       error=error if error.startswith("not retried") else
+                       f"not retried (its input is unchanged since it failed; --retry-failed to retry): {error}")
+            remembered += 1
             continue
         # A scene redone because its input, model or settings changed replaces its own earlier outputs.
         redo = force or previous_status(out) == "done"
         todo.append((scene_cfg.model_copy(update={"overwrite": cfg.overwrite or redo}), scene, row))
-    skipped = len(scenes) - len(todo)
-    log.info("batch: %d scenes, %d to run, %d complete already", len(scenes), len(todo), skipped)
+    skipped = len(scenes) - len(todo) - remembered
+    log.info("batch: %d scenes, %d to run, %d complete already%s", len(scenes), len(todo), skipped,
+             f", {remembered} known to fail (--retry-failed to retry)" if remembered else "")
 
     device, _ = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
     pool = ThreadPoolExecutor(max_workers=cfg.batch.concurrent_scenes, thread_name_prefix="geoseg-scene")
+    running: dict[Future, dict] = {}
     try:
         if todo:
-            with (nullcontext(client) if client is not None else open_client(cfg.cluster, use_gpu=device == "cuda")
-                  as c, model_on_workers(c, model_key(cfg.segment))):
+            opened = nullcontext(client) if client is not None else open_client(
+                cfg.cluster, use_gpu=device == "cuda", name=f"geoseg-{cfg.output_dir.name}",
+                log_directory=str(cfg.output_dir / "logs" / "workers"))
+            with opened as c, model_on_workers(c, model_key(cfg.segment)):
                 # The batch holds the model on the workers: scenes reuse it, whatever their settings.
-                running: dict[Future, dict] = {
-                    pool.submit(_run_scene, scene_cfg, scene, c, force): row for scene_cfg, scene, row in todo}
+                for scene_cfg, scene, row in todo:
+                    row["status"] = "running"
+                    running[pool.submit(_run_scene, scene_cfg, scene, c, force)] = row
                 for fut in as_completed(running):
                     running[fut].update(fut.result())
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        stopping = isinstance(exc, KeyboardInterrupt) or interrupt.requested()
+        # Scenes in flight see the request at their next check (within a second) and end as interrupted.
+        for fut, row in running.items():
+            if stopping:
+                try:
+                    row.update(fut.result(timeout=15))
+                except BaseException:  # noqa: BLE001 - still running, or stopped without a row of its own
+                    pass
         for row in report.rows:
-            if row["status"] == "pending":
-                row.update(status="interrupted", error="batch interrupted; rerun to continue")
+            if row["status"] in ("pending", "running"):
+                if stopping:
+                    row.update(status="interrupted", error="batch interrupted; rerun to continue")
+                else:
+                    row.update(status="failed", failure="cluster",
+                               error=str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}")
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -210,20 +262,28 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
     return report
 
 
+def failure_kind(exc: BaseException) -> str:
+    """``input`` for a failure the same input would repeat, else ``transient`` (retried by the next batch)."""
+    return "input" if isinstance(exc, INPUT_FAILURES) else "transient"
+
+
 def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     try:
+        interrupt.check()
         result = run_pipeline(cfg, client=client, progress=False, item_id=scene.name, source=scene.source,
                               fresh=fresh)
         out.update(status="done", landcover=result.outputs.get("landcover", ""), outputs=result.outputs,
-                   timings_s=result.timings)
-    except GeosegError as exc:
-        out.update(status="failed", error=str(exc))
-    except CancelledError:
-        out.update(status="interrupted", error="cancelled; rerun to continue")
+                   timings_s=result.timings, failure="", error="")
+    except (KeyboardInterrupt, CancelledError):
+        out.update(status="interrupted", error="interrupted; rerun to continue")
     except Exception as exc:  # noqa: BLE001 - one bad scene never sinks the batch
-        out.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if interrupt.requested():  # the stop broke its waits (a closed client, cancelled futures)
+            out.update(status="interrupted", error="interrupted; rerun to continue")
+        else:
+            out.update(status="failed", failure=failure_kind(exc), failed_at=datetime.now(timezone.utc).isoformat(),
+                       error=str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}")
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if out["status"] != "done":
         log.warning("%s: %s: %s", scene.name, out["status"], out["error"])
@@ -233,7 +293,7 @@ def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool) -
 
 
 def _write_manifest(report: BatchReport, started: datetime) -> None:
-    columns = ["scene", "status", "seconds", "input", "output_dir", "landcover", "error"]
+    columns = ["scene", "status", "seconds", "input", "output_dir", "landcover", "failure", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,21 +15,10 @@ from distributed import Client, LocalCluster
 
 from geoseg.config import ClusterConfig
 from geoseg.errors import ClusterError
+from geoseg.workerenv import INFER, WORKER_ENV
 
-#: glibc returns the forward pass's large buffers to the OS after every batch (and Dask's nanny sets
-#: MALLOC_TRIM_THRESHOLD_=65536 by default), which made CPU inference 30-45% slower here. Raising both
-#: thresholds keeps the buffers in the process. Dask runs tasks in threads, and glibc's per-thread arenas
-#: cannot hold blocks over 64 MiB (a batch of 512 px activations is larger), so they are mmapped and
-#: unmapped on every batch whatever the thresholds: forward passes in a worker thread ran 1.5x slower
-#: than in the main thread until MALLOC_ARENA_MAX=1 put every thread on the main heap. Set for every
-#: worker the nanny spawns.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_ARENA_MAX": "1"}
-#: GDAL's block cache defaults to 5% of RAM per process and fills up as a large scene streams through a
-#: worker; a task reads each window once, so a small cache loses nothing and keeps memory flat.
-GDAL_CACHE_MB = 128
-WORKER_ENV = {**MALLOC_ENV, "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}
-#: Worker resource an inference task asks for: the number a worker offers is how many it runs at once.
-INFER = "infer"
+log = logging.getLogger("geoseg")
+
 
 
 def quiet_dask_logs() -> None:
@@ -51,10 +43,28 @@ def gpu_count() -> int:
 
 
 @contextmanager
-def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
-    """Yield a connected client; a LocalCluster is closed on exit, a remote scheduler is left running."""
+def open_client(cfg: ClusterConfig, use_gpu: bool = False, *, name: str = "geoseg",
+                log_directory: str | None = None) -> Iterator[Client]:
+    """Yield a connected client; a LocalCluster is closed on exit, a remote scheduler is left running.
+
+    For an existing scheduler or SLURM/PBS jobs it returns once a worker is connected, and its waits stay
+    bounded while it is used (:class:`Health`). ``name`` and ``log_directory`` are the worker jobs' name and
+    log folder (SLURM/PBS) when the config names none.
+    """
     quiet_dask_logs()
+    if cfg.dashboard:
+        try:
+            import bokeh
+        except ImportError:
+            raise ClusterError("cluster.dashboard: the Dask dashboard needs bokeh>=3.1: pip install "
+                               "'geoseg[dashboard]'") from None
+        if int(bokeh.__version__.split(".")[0]) < 3:
+            raise ClusterError(f"cluster.dashboard: the Dask dashboard needs bokeh>=3.1 (found {bokeh.__version__})"
+                               ": pip install 'geoseg[dashboard]'")
     if cfg.backend == "address":
+        assert cfg.address is not None
+        _reachable(cfg.address, cfg.timeout_s)
+        _handshake(cfg)
         try:
             client = Client(cfg.address, timeout=f"{cfg.timeout_s}s", security=_security(cfg))
         except (OSError, TimeoutError) as exc:
@@ -63,18 +73,30 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
                 f"({type(exc).__name__})"
             ) from None
         try:
+            health = Health(cfg.worker_timeout_s, lambda: f"scheduler {cfg.address} has no worker; start them with: "
+                            f"geoseg worker {cfg.address}")
+            _HEALTH[client] = health
+            health.wait(client)
+            warn_unprepared_workers(client)
             yield client
         finally:
             client.close()
         return
     if cfg.backend in ("slurm", "pbs"):
-        cluster = jobqueue_cluster(cfg, use_gpu)
+        from geoseg.hpc import adapt, check_submission, jobqueue_cluster
+
+        cluster, watch = jobqueue_cluster(cfg, use_gpu, name=name, log_directory=log_directory)
         try:
-            cluster.adapt(minimum_jobs=cfg.jobqueue.minimum_jobs, maximum_jobs=cfg.jobqueue.maximum_jobs)
+            if cfg.backend == "slurm":
+                check_submission(cluster, cfg)
+            adapt(cluster, cfg)
             with Client(cluster) as client:
+                health = Health(cfg.worker_timeout_s, watch.describe, lambda: watch.refused)
+                _HEALTH[client] = health
+                health.wait(client)
                 yield client
         finally:
-            cluster.close()
+            _close_quietly(cluster)
         return
 
     n_workers, threads = cfg.n_workers, cfg.threads_per_worker
@@ -101,7 +123,137 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[Client]:
         with Client(cluster) as client:
             yield client
     finally:
-        cluster.close()
+        _close_quietly(cluster)
+
+
+def _close_quietly(cluster: Any, timeout_s: float = 20) -> None:
+    """Close a cluster within ``timeout_s`` (a stuck close must not keep an interrupted run alive)."""
+    try:
+        cluster.close(timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - closing is best effort; the jobs end with their walltime anyway
+        log.debug("closing the cluster: %s: %s", type(exc).__name__, exc)
+
+
+def _reachable(address: str, timeout_s: float) -> None:
+    """Fail at once when nothing listens at ``address`` (Dask's client would retry until its timeout)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls") or parts.hostname is None or parts.port is None:
+        return
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=min(timeout_s, 10.0)):
+            pass
+    except ConnectionRefusedError:
+        raise ClusterError(f"cluster.address: {address} refused the connection: no scheduler listens there "
+                           "(start one with: dask scheduler)") from None
+    except socket.gaierror:
+        raise ClusterError(f"cluster.address: unknown host {parts.hostname!r} in {address}") from None
+    except OSError:
+        return  # a timeout or a route problem: Client reports it within cluster.timeout_s
+
+
+def _handshake(cfg: ClusterConfig) -> None:
+    """Fail within ``cluster.timeout_s`` when ``cluster.address`` does not answer as a Dask scheduler.
+
+    Dask's Client waits for ever on a port that accepts connections but never completes Dask's handshake
+    (a proxy, another service, a hung scheduler), whatever its ``timeout``: this probe bounds that wait.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    security = _security(cfg)
+    kwargs = security.get_connection_args("client") if security is not None else {}
+
+    async def probe() -> None:
+        comm = await asyncio.wait_for(connect(cfg.address, timeout=cfg.timeout_s, **kwargs), cfg.timeout_s + 1)
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cluster.address: cannot reach scheduler {cfg.address} within {cfg.timeout_s:g}s "
+            f"({type(exc).__name__}); is it a Dask scheduler, and does it answer?"
+        ) from None
+
+
+#: Seconds between progress lines while no worker is connected, and before the first one.
+WAIT_LINE_S, FIRST_LINE_S = 15.0, 5.0
+
+
+class Health:
+    """The workers of a remote cluster, watched while geoseg waits on it: no wait lasts for ever.
+
+    :meth:`check` (called by the waits every couple of seconds) raises :class:`ClusterError` when a worker
+    job was refused, or when no worker has been connected for ``timeout_s``; meanwhile it writes a line
+    every 15 s saying what it waits for (``describe``).
+    """
+
+    def __init__(self, timeout_s: float, describe: Callable[[], str],
+                 refused: Callable[[], str | None] | None = None) -> None:
+        self.timeout_s, self.describe, self.refused = timeout_s, describe, refused
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._last_probe = self._last_line = 0.0
+
+    def check(self, client: Client, every_s: float = 2.0) -> None:
+        """Raise when the cluster cannot go on; say what it waits for."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_probe < every_s:
+                return
+            self._last_probe = now
+            reason = self.refused() if self.refused else None
+            if reason:
+                raise ClusterError(f"cluster.jobqueue: {reason}")
+            if client.nthreads():
+                self._since = None
+                return
+            if self._since is None:
+                self._since, self._last_line = now, now - WAIT_LINE_S + FIRST_LINE_S
+            waited = now - self._since
+            if waited >= self.timeout_s:
+                raise ClusterError(f"cluster.worker_timeout_s: no worker for {waited:.0f}s: {self.describe()}; "
+                                   "free or add resources, ask for less (cluster.jobqueue), or wait longer")
+            if now - self._last_line >= WAIT_LINE_S:
+                self._last_line = now
+                log.info("waiting for workers (%.0fs of %.0fs): %s", waited, self.timeout_s, self.describe())
+
+    def wait(self, client: Client) -> None:
+        """Return once a worker is connected (or raise as :meth:`check` does)."""
+        from geoseg import interrupt
+
+        while True:
+            interrupt.check()
+            self.check(client, every_s=0.5)
+            if self._since is None and self._last_probe:  # the last probe saw workers
+                return
+            time.sleep(0.25)
+
+
+_HEALTH: weakref.WeakKeyDictionary[Client, Health] = weakref.WeakKeyDictionary()
+
+
+def _worker_settings() -> list[str]:  # runs on each worker
+    import os
+
+    return [k for k, v in WORKER_ENV.items() if os.environ.get(k) != v]
+
+
+def warn_unprepared_workers(client: Client) -> None:
+    """Warn when workers of an existing scheduler run without geoseg's allocator and GDAL settings."""
+    try:
+        missing = {addr: m for addr, m in client.run(_worker_settings).items() if m}
+    except Exception:  # noqa: BLE001 - a worker that cannot answer is no reason to stop
+        return
+    if missing:
+        names = sorted({k for m in missing.values() for k in m})
+        log.warning("%d of %d workers run without geoseg's settings (%s; CPU inference up to 1.5x slower): start "
+                    "them with: geoseg worker %s", len(missing), len(client.nthreads()), ", ".join(names),
+                    client.scheduler_info().get("address", "ADDRESS"))
 
 
 def _security(cfg: ClusterConfig):  # noqa: ANN202
@@ -112,44 +264,6 @@ def _security(cfg: ClusterConfig):  # noqa: ANN202
 
     return Security(tls_ca_file=str(cfg.tls.ca_file), tls_client_cert=str(cfg.tls.cert),
                     tls_client_key=str(cfg.tls.key) if cfg.tls.key else None, require_encryption=True)
-
-
-def jobqueue_cluster(cfg: ClusterConfig, use_gpu: bool = False):  # noqa: ANN201
-    """A dask-jobqueue SLURMCluster or PBSCluster from ``cfg.jobqueue`` (no job is submitted until it scales).
-
-    A GPU job asks for one GPU and runs one worker with one thread and the ``GPU=1`` resource that GPU tasks
-    request; the worker environment carries geoseg's malloc and GDAL settings.
-    """
-    try:
-        import dask_jobqueue
-    except ImportError:
-        raise ClusterError(f"cluster.backend: {cfg.backend} needs dask-jobqueue: pip install 'geoseg[slurm]'") from None
-    jq = cfg.jobqueue
-    gpu = use_gpu or jq.gpus > 0
-    directives = list(jq.job_extra_directives)
-    # Worker threads are cores / processes; a GPU worker gets one thread and the job keeps all its cores.
-    kwargs: dict[str, Any] = {
-              "queue": jq.queue, "account": jq.account, "cores": 1 if gpu else jq.cores, "memory": jq.memory,
-              "processes": jq.processes, "walltime": jq.walltime, "job_extra_directives": directives,
-              "job_script_prologue": [f"export {k}={v}" for k, v in WORKER_ENV.items()] + list(jq.job_script_prologue),
-              "worker_extra_args": ["--resources", "GPU=1"] if gpu else [], "log_directory": jq.log_directory,
-              "interface": jq.interface, "local_directory": jq.local_directory, "job_name": "geoseg",
-              # The scheduler's HTTP server (dashboard, health) listens on localhost only: ssh -L to see it.
-              "scheduler_options": {"dashboard_address": "127.0.0.1:0"}}
-    cls: Any
-    if cfg.backend == "slurm":
-        cls = dask_jobqueue.SLURMCluster
-        if gpu:
-            kwargs["job_cpu"] = jq.cores
-            directives.insert(0, "--gres=gpu:1")
-    else:
-        cls = dask_jobqueue.PBSCluster
-        if gpu:
-            from dask.utils import parse_bytes
-
-            gib = max(1, parse_bytes(jq.memory) // 2**30)
-            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:ngpus=1:mem={gib}gb"
-    return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def tasks_per_host(client: Client) -> tuple[int, bool]:
@@ -176,11 +290,9 @@ def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
     consumer stops early, the tasks not yet done are cancelled.
     """
     if client is not None:
-        from distributed import as_completed
-
         futures = client.compute(tasks)
         try:
-            for fut in as_completed(futures):
+            for fut in completed(client, futures):
                 result = fut.result()
                 fut.release()
                 yield result
@@ -188,16 +300,41 @@ def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
             client.cancel([f for f in futures if not f.done()])
         return
     from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import as_completed as completed
+    from concurrent.futures import as_completed as finishing
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(t.compute, scheduler="sync") for t in tasks]
         try:
-            for fut in completed(pending):
+            for fut in finishing(pending):
                 yield fut.result()
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+def completed(client: Client, futures: list) -> Iterator[Any]:
+    """``futures`` as they finish (``distributed.as_completed``), never waiting blindly.
+
+    Between results a stop request (:mod:`geoseg.interrupt`) and, for a cluster from :func:`open_client`,
+    the workers' :class:`Health` are checked: a run with no worker left ends with a clear error after
+    ``cluster.worker_timeout_s``, and SIGTERM ends it within a second, in any thread.
+    """
+    from distributed import as_completed
+
+    from geoseg import interrupt
+
+    ac = as_completed(futures)
+    health = _HEALTH.get(client)
+    while not ac.is_empty():
+        if ac.has_ready():
+            yield from ac.next_batch(block=False)
+            continue
+        interrupt.check()
+        if health is not None:
+            health.check(client)
+        # as_completed's own condition (what its blocking __next__ polls): woken as soon as a future finishes.
+        with ac.thread_condition:
+            ac.thread_condition.wait(timeout=0.2)
 
 
 def for_each_result(tasks: list, consume: Callable[[Any], None], client: Client | None = None) -> None:
@@ -220,6 +357,8 @@ def map_in_order(task_groups: list[list], client: Client | None = None, lookahea
             return client.compute(task_groups[k])
 
         def collect(futures) -> list:  # noqa: ANN001
+            for _ in completed(client, futures):  # bounded: stop requests and the workers' health are checked
+                pass
             results = client.gather(futures)
             for fut in futures:
                 fut.release()

@@ -38,3 +38,15 @@ class ClusterError(GeosegError, RuntimeError):
 
 class OutputWriteError(GeosegError, OSError):
     """An output could not be written (disk full, folder gone, permissions)."""
+
+
+#: Exit codes of the CLI (docs/batch.md): every scene done or skipped (an empty night too).
+EXIT_OK = 0
+#: Nothing could run: a configuration, input or cluster error (a single ``geoseg run`` that failed too).
+EXIT_ERROR = 1
+#: A usage error on the command line, or an internal error (a bug: please report it).
+EXIT_USAGE = 2
+#: ``geoseg batch`` ran, and some scenes failed (see batch.json); the others are done.
+EXIT_SCENES_FAILED = 3
+#: Stopped by SIGINT or SIGTERM (Ctrl-C, a time limit, systemctl stop); rerun to continue.
+EXIT_INTERRUPTED = 130

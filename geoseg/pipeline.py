@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +27,7 @@ from geoseg.config import PipelineConfig, dump_config, load_config
 from geoseg.errors import ConfigError, GeosegError, InputError
 from geoseg.fingerprint import model_digest, output_fingerprint
 from geoseg.models import ModelSpec, read_model_spec
-from geoseg.progress import progress_bar
+from geoseg.progress import Progress
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -48,15 +48,17 @@ def outputs(cfg: PipelineConfig) -> list[str]:
     """Names (inside ``cfg.output_dir``) of every file or folder a run of ``cfg`` writes, manifest last."""
     from geoseg.report import FILES as REPORT_FILES
 
-    names = [LANDCOVER, Path(LANDCOVER).with_suffix(".qml").name]
+    names = [LANDCOVER, LANDCOVER + ".aux.xml", Path(LANDCOVER).with_suffix(".qml").name]
     if cfg.write.confidence != "none":
-        names.append(CONFIDENCE)
+        names += [CONFIDENCE, Path(CONFIDENCE).with_suffix(".qml").name]
     if cfg.write.keep_scores:
         names.append("scores.zarr")
     if cfg.write.keep_tiles:
         names.append("tiles.zarr")
     if cfg.vectorize.enabled:
         names.append(cfg.vectorize.output)
+        if not cfg.vectorize.output.lower().endswith(".gpkg"):
+            names.append(str(Path(cfg.vectorize.output).with_suffix(".qml")))
     if cfg.evaluate.reference is not None:
         names += list(REPORT_FILES.values())
     if cfg.write.stac_item:
@@ -225,16 +227,20 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
             },
         }
         try:
-            raster = _run_stages(cfg, spec, result, sys.stderr.isatty() if progress is None else progress, client,
-                                 staged)
+            shown = None if progress is False else Progress(terminal=sys.stderr.isatty())
+            raster = _run_stages(cfg, spec, result, shown, client, staged)
             result.outputs = {k: str(out_dir / Path(v).name) for k, v in result.outputs.items()}
             if result.metrics is not None:
                 manifest["metrics"] = result.metrics
             if cfg.write.stac_item:
                 from geoseg.stac import stac_item
+                from geoseg.write import CONFIDENCE_SCALE
 
+                scale = None if cfg.write.confidence == "none" else (
+                    CONFIDENCE_SCALE if cfg.write.confidence == "uint8" else 1.0)
                 item = stac_item(item_id or cfg.input.stem, raster, result.outputs, spec.classes, cfg.write.nodata,
-                                 metrics=result.metrics, source=source, staged=staged)
+                                 metrics=result.metrics, source=source, staged=staged, when=cfg.write.datetime,
+                                 confidence_scale=scale)
                 write_text_atomic(staged / STAC_ITEM, json.dumps(item, indent=2) + "\n")
                 result.outputs["stac_item"] = str(out_dir / STAC_ITEM)
             if input_identity(cfg.input) != identity:
@@ -250,7 +256,8 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
         except BaseException as exc:
             stage.abort()
             exc = _unstaged(exc, staged, out_dir)
-            stopped = isinstance(exc, (KeyboardInterrupt, CancelledError))
+            # A stop request ends a run however the waits it broke report it (cancelled futures, a closed client).
+            stopped = isinstance(exc, (KeyboardInterrupt, CancelledError)) or interrupt.requested()
             manifest["status"] = "interrupted" if stopped else "failed"
             manifest["error"] = str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}"
             # A record of the attempt; the outputs of an earlier finished run stay exactly as they were.
@@ -320,16 +327,29 @@ def previous_status(out_dir: Path) -> str | None:
     return _manifest(out_dir).get("status")
 
 
-def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: bool,
+def _stage(progress: Progress | None, name: str) -> AbstractContextManager[Any]:
+    """A progress stage without a count (a spinner on a terminal), or nothing."""
+    return progress.stage(name, None, "") if progress is not None else nullcontext()
+
+
+def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progress: Progress | None,
                 client: Client | None, staged: Path) -> Raster:
     """Every stage of one scene, its outputs written into ``staged``; returns the input's Raster."""
     import rasterio
 
-    from geoseg.cluster import GDAL_CACHE_MB, open_client
+    from geoseg.cluster import open_client
     from geoseg.device import resolve_device
     from geoseg.read import read_raster
-    from geoseg.segment import Block, SegmentStats, segment_scene
-    from geoseg.write import confidence_writer, encode_confidence, landcover_writer, write_qgis_style
+    from geoseg.segment import SegmentStats, segment_scene
+    from geoseg.workerenv import GDAL_CACHE_MB
+    from geoseg.write import (
+        confidence_writer,
+        encode_confidence,
+        landcover_writer,
+        write_categories,
+        write_confidence_style,
+        write_qgis_style,
+    )
 
     assert cfg.input is not None
     timings, out_dir = result.timings, cfg.output_dir
@@ -347,58 +367,53 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         # The writers stream a scene-sized raster through GDAL's block cache in this process.
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
         if client is None:
-            client = stack.enter_context(open_client(cfg.cluster, use_gpu=device == "cuda"))
+            client = stack.enter_context(open_client(cfg.cluster, use_gpu=device == "cuda",
+                                                     name=f"geoseg-{out_dir.name}"))
         if cfg.cluster.dashboard and client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
 
         lc_path = staged / LANDCOVER
         classes = spec.classes
+        co = cfg.write.creation_options
         writers = [landcover_writer(lc_path, raster.grid, classes, cfg.write.nodata, compress=cfg.write.compress,
-                                    overviews=cfg.write.overviews)]
+                                    overviews=cfg.write.overviews, creation_options=co)]
         stack.callback(writers[0].abort)
         if cfg.write.confidence != "none":
             writers.append(confidence_writer(staged / CONFIDENCE, raster.grid, cfg.write.confidence,
-                                             compress=cfg.write.compress, overviews=cfg.write.overviews))
+                                             compress=cfg.write.compress, overviews=cfg.write.overviews,
+                                             creation_options=co))
             stack.callback(writers[1].abort)
         scores = staged / "scores.zarr" if cfg.write.keep_scores else None
 
         stats = SegmentStats()
-        bar = None
-
-        def advance(block: Block) -> None:
-            if bar:
-                bar.advance(bar.task_ids[0])
-
         kept = staged / "tiles.zarr" if cfg.write.keep_tiles else None
         # The scratch folder outlives the segmentation: a run stopped in a later stage resumes from it.
         blocks = segment_scene(raster, cfg.segment, client, out_dir / WORK_DIR, stats=stats, scores=scores,
-                               keep_tiles=kept, progress=advance, cleanup=False)
+                               keep_tiles=kept, progress=progress, cleanup=False)
         with _timed(timings, "tile_infer_stitch"):
-            try:
-                for block in blocks:
-                    if bar is None:
-                        bar = progress_bar(stats.chunks[0] * stats.chunks[1], "segmenting", progress)
-                        advance(block)
-                    writers[0].write(block.window, block.labels)
-                    if len(writers) > 1:
-                        known = block.labels != cfg.write.nodata
-                        writers[1].write(block.window, encode_confidence(block.confidence, known, cfg.write.confidence))
-                    _faults.point("infer")
-                    interrupt.check()
-            finally:
-                if bar:
-                    bar.stop()
+            for block in blocks:
+                writers[0].write(block.window, block.labels)
+                if len(writers) > 1:
+                    known = block.labels != cfg.write.nodata
+                    writers[1].write(block.window, encode_confidence(block.confidence, known, cfg.write.confidence))
+                _faults.point("infer")
+                interrupt.check()
         _faults.point("segmented")
         result.stats.update(
             device=stats.device, precision=stats.precision, chunks=list(stats.chunks),
             chunks_resumed=stats.chunks_resumed, chunks_inferred=stats.chunks_inferred,
             task_seconds=stats.task_seconds, valid_pixels=stats.valid_pixels, tiles_inferred=stats.tiles_inferred)
-        with _timed(timings, "write"):
+        with _timed(timings, "write"), _stage(progress, "writing the COG (tiles, overviews)"):
             result.outputs["landcover"] = str(writers[0].close())
             _faults.point("write")
             result.outputs["qgis_style"] = str(write_qgis_style(lc_path.with_suffix(".qml"), classes, cfg.write.nodata))
+            assert writers[0].counts is not None
+            result.outputs["categories"] = str(write_categories(lc_path, classes, cfg.write.nodata, writers[0].counts,
+                                                                raster.grid.pixel_area_m2))
             if len(writers) > 1:
                 result.outputs["confidence"] = str(writers[1].close())
+                result.outputs["confidence_style"] = str(write_confidence_style(
+                    (staged / CONFIDENCE).with_suffix(".qml"), cfg.write.confidence))
             if scores is not None:
                 result.outputs["scores"] = str(scores)
             if kept is not None:
@@ -408,15 +423,17 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
             with _timed(timings, "vectorize"):
                 info = vectorize_classes(lc_path, staged / cfg.vectorize.output, cfg.vectorize, client=client,
-                                         timestamp=_timestamp(cfg.input))
+                                         timestamp=_timestamp(cfg.input), progress=progress)
             result.outputs["vector"] = info["path"]
+            if info["style"]:
+                result.outputs["vector_style"] = info["style"]
             result.stats["polygons"] = info["features"]
         if cfg.evaluate.reference is not None:
             from geoseg.evaluate import evaluate_iou
             from geoseg.report import write_reports
 
             with _timed(timings, "evaluate"):
-                metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client),
+                metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client, progress=progress),
                                   prediction=str(out_dir / LANDCOVER))  # where it will be, not the staged copy
                 _faults.point("evaluate")
                 result.outputs.update(write_reports(metrics, staged))

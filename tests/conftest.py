@@ -81,3 +81,32 @@ def pipeline_config(input_path: Path, model: Path, output_dir: Path, **sections)
     data = {"input": str(input_path), "model": str(model), "output_dir": str(output_dir)}
     data.update(sections)
     return validate(PipelineConfig, data, "test.yaml", None)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):  # noqa: ANN001
+    """A private single-node SLURM (tests/private_slurm.py), installed when missing; skipped where it cannot run.
+
+    ``GEOSEG_REQUIRE_SLURM=1`` (CI) turns the skip into a failure, so that the SLURM tests never vanish quietly.
+    """
+    import os
+
+    from tests.private_slurm import PrivateSlurm, Unavailable
+
+    cluster = PrivateSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Unavailable as exc:
+        if os.environ.get("GEOSEG_REQUIRE_SLURM") == "1":
+            pytest.fail(f"GEOSEG_REQUIRE_SLURM=1 but no private SLURM: {exc}")
+        pytest.skip(f"no private SLURM here: {exc}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        cluster.stop()

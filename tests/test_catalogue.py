@@ -306,7 +306,7 @@ def _unsafe_yaml(ctx: Ctx) -> list[str]:
 CLUSTER_AND_SECURITY = [
     Case("scheduler address unreachable", lambda c: ["run", c.pipeline(
         cluster={"backend": "address", "address": "tcp://127.0.0.1:9", "timeout_s": 2})],
-         r"cluster.address: cannot reach scheduler tcp://127.0.0.1:9 within 2s"),
+         r"cluster.address: tcp://127.0.0.1:9 refused the connection: no scheduler listens there"),
     Case("YAML with a code-running tag", _unsafe_yaml, r"pipe.yaml:1:\d+: YAML syntax error: could not determine a constructor"),
     Case("output path outside the output directory", lambda c: ["run", c.pipeline(
         vectorize={"enabled": True, "output": "../elsewhere.gpkg"})],
@@ -635,8 +635,9 @@ def test_dashboard_listens_on_localhost_only(tmp_path):  # noqa: ANN001
     """The scheduler's HTTP server (dashboard) of a local cluster and of a jobqueue cluster: 127.0.0.1 only."""
     import psutil
 
-    from geoseg.cluster import jobqueue_cluster, open_client
+    from geoseg.cluster import open_client
     from geoseg.config import ClusterConfig
+    from geoseg.hpc import jobqueue_cluster
 
     def http_listeners(link: str) -> set[str]:
         port = int(link.split(":")[2].split("/")[0])
@@ -644,7 +645,7 @@ def test_dashboard_listens_on_localhost_only(tmp_path):  # noqa: ANN001
 
     with open_client(ClusterConfig(n_workers=1, threads_per_worker=1)) as client:
         assert http_listeners(client.dashboard_link) == {"127.0.0.1"}
-    cluster = jobqueue_cluster(ClusterConfig(backend="slurm"))
+    cluster, _ = jobqueue_cluster(ClusterConfig(backend="slurm"))
     try:
         assert http_listeners(cluster.dashboard_link) == {"127.0.0.1"}
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geoseg.cli.options import config_argument, overwrite_option, set_option
+from geoseg.cli.options import config_argument, overwrite_option, set_option, verbosity
 
 
 @click.command("batch")
@@ -14,19 +14,32 @@ from geoseg.cli.options import config_argument, overwrite_option, set_option
 @set_option
 @overwrite_option
 @click.option("--force", is_flag=True, help="Redo every scene, also those finished with the same inputs and config.")
-def command(config: str, scenes_spec: str, overrides: tuple[str, ...], overwrite: bool, force: bool) -> None:
+@click.option("--retry-failed", is_flag=True, help="Run scenes again whose unchanged input failed in an earlier batch.")
+@click.option("--allow-empty", is_flag=True, help="Succeed when --scenes matches nothing (a night without scenes).")
+@verbosity
+def command(config: str, scenes_spec: str, overrides: tuple[str, ...], overwrite: bool, force: bool,
+            retry_failed: bool, allow_empty: bool) -> None:
     """Run the pipeline on every scene into OUTPUT_DIR/<scene>/; skip finished scenes; write batch.json/.csv.
 
-    Exit 0 only when every scene is done or skipped.
+    Exit codes: 0 every scene done or skipped, 3 some scenes failed, 130 interrupted (rerun to continue),
+    1 nothing could run (configuration, input, cluster).
     """
     from geoseg.batch import expand_scenes, run_batch
+    from geoseg.errors import EXIT_SCENES_FAILED, InputError
     from geoseg.pipeline import load_pipeline
 
     if overwrite:
         overrides = (*overrides, "overwrite=true")
     cfg = load_pipeline(config, overrides)
-    report = run_batch(cfg, expand_scenes(scenes_spec, cfg.batch.stac_asset), force=force)
+    try:
+        scenes = expand_scenes(scenes_spec, cfg.batch.stac_asset)
+    except InputError as exc:
+        if allow_empty and "matches no file" in str(exc):
+            click.echo(f"geoseg: no scenes: --scenes {scenes_spec!r} matches no file; nothing to do", err=True)
+            return
+        raise
+    report = run_batch(cfg, scenes, force=force, retry_failed=retry_failed)
     counts = report.counts()
     click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; manifest {report.path}", err=True)
     if not report.ok:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_SCENES_FAILED)

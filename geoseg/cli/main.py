@@ -6,16 +6,15 @@ User errors (:class:`~geoseg.errors.GeosegError`) print ``geoseg: error: <messag
 
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
 
 import click
 
 from geoseg._version import __version__
-from geoseg.errors import GeosegError
-
-_STATE = {"verbose": False}
+from geoseg.cli.options import STATE as _STATE
+from geoseg.cli.options import set_verbosity
+from geoseg.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, GeosegError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,17 +22,19 @@ _STATE = {"verbose": False}
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging; show tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(verbose: bool, quiet: bool) -> None:
-    """Land-cover segmentation of large georeferenced rasters, tiled and distributed with Dask."""
-    _STATE["verbose"] = verbose
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("geoseg").setLevel(level)
+    r"""Land-cover segmentation of large georeferenced rasters, tiled and distributed with Dask.
+
+    \b
+    geoseg run scene.tif --model model.safetensors -o out/     segment a scene
+    geoseg run pipelines/landcover.yaml                        ... or as a pipeline YAML describes it
+    """
+    set_verbosity(verbose, quiet, reset=True)
 
 
 def _register() -> None:
-    from geoseg.cli import batch, evaluate, export, run, sample, train, vectorize
+    from geoseg.cli import batch, evaluate, export, run, sample, train, vectorize, worker
 
-    for module in (run, batch, train, evaluate, vectorize, export, sample):
+    for module in (run, batch, train, evaluate, vectorize, export, sample, worker):
         cli.add_command(module.command)
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of raising."""
     from geoseg import interrupt
 
+    _STATE["verbose"] = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
         with interrupt.handled():
             code = cli.main(args=argv, prog_name="geoseg", standalone_mode=False)
@@ -58,19 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         hint = ("rerun it with --resume to continue from the last finished epoch" if "train" in args else
                 "rerun the same command to continue from the finished chunks")
         click.echo(f"geoseg: interrupted; {hint}", err=True)
-        return 130
+        return _exit_soon(EXIT_INTERRUPTED)
     except GeosegError as exc:
         if _STATE["verbose"]:
             traceback.print_exc()
         click.echo(f"geoseg: error: {_one_line(str(exc))}", err=True)
-        return 1
+        return _exit_soon(EXIT_ERROR) if interrupt.requested() else EXIT_ERROR
     except OSError as exc:  # disk full, permissions, a file gone: the machine's state, not a bug in geoseg
         if _STATE["verbose"]:
             traceback.print_exc()
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         what = exc.strerror or str(exc) or type(exc).__name__
         click.echo(f"geoseg: error: {where}{_one_line(what)}; nothing was left half-written", err=True)
-        return 1
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - anything else is a bug; still one line unless --verbose
         if _STATE["verbose"]:
             traceback.print_exc()
@@ -78,7 +80,34 @@ def main(argv: list[str] | None = None) -> int:
             f"geoseg: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --verbose for details)",
             err=True,
         )
-        return 2
+        return EXIT_USAGE
+
+
+def _exit_soon(code: int, grace_s: float = 10.0) -> int:
+    """``code``, once the threads a stopped run leaves behind are done; after ``grace_s`` the process ends anyway.
+
+    A stop request must end the process (SLURM sends SIGKILL after its KillWait): a thread still blocked in
+    a library call would otherwise keep it alive at exit, as concurrent.futures joins its workers then.
+    """
+    import atexit
+    import os
+    import threading
+    import time
+
+    # The run's clusters were closed on the way out (quietly, within a bound); distributed's own atexit
+    # hook would try a cluster whose close timed out once more and print its traceback.
+    spec = sys.modules.get("distributed.deploy.spec")
+    if spec is not None and hasattr(spec, "close_clusters"):
+        atexit.unregister(spec.close_clusters)
+    deadline = time.monotonic() + grace_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _one_line(text: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -109,7 +109,35 @@ class WriteConfig(_Config):
     keep_tiles: bool = Field(False, description="Keep the Zarr store of input tiles (tiles.zarr).")
     overviews: bool = Field(True, description="Build overviews (nearest/mode resampling) in the COG.")
     stac_item: bool = Field(True, description="Write item.json, a STAC Item describing the outputs.")
+    datetime: str | None = Field(None, description="Acquisition time of the scene (ISO 8601) for the STAC Item, "
+                                 "when the input carries none (TIFFTAG_DATETIME) and no source item gives one.")
     compress: Literal["deflate", "lzw", "zstd", "none"] = Field("deflate", description="GeoTIFF compression.")
+    creation_options: dict[str, str] = Field(
+        default_factory=dict, description="More GDAL COG creation options for the rasters (geoseg run --co KEY=VALUE), "
+        "e.g. {BLOCKSIZE: '256', LEVEL: '9'}; they override geoseg's own.",
+    )
+
+    @field_validator("datetime")
+    @classmethod
+    def _when(cls, v: str | None) -> str | None:
+        return _iso_time(v)
+
+    @field_validator("creation_options", mode="before")
+    @classmethod
+    def _upper_keys(cls, v: Any) -> Any:
+        return {str(k).upper(): str(val) for k, val in v.items()} if isinstance(v, dict) else v
+
+
+def _iso_time(v: str | None) -> str | None:
+    if v is None:
+        return v
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an ISO 8601 time, e.g. 2026-11-20T10:31:00Z") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).isoformat()
 
 
 class TLSConfig(_Config):
@@ -135,8 +163,17 @@ class JobqueueConfig(_Config):
     processes: int = Field(1, ge=1, description="Dask worker processes per job.")
     walltime: str = Field("02:00:00", description="Wall-clock limit per job, HH:MM:SS.")
     gpus: int = Field(0, ge=0, le=1, description="GPUs per job (0 or 1): a GPU job runs one worker with GPU=1.")
-    minimum_jobs: int = Field(0, ge=0, description="Adaptive scaling: jobs kept even when idle.")
+    minimum_jobs: int = Field(0, ge=0, description="Adaptive scaling: jobs kept even when idle (a run holds at "
+                              "least one while it lasts; every job ends with the run).")
     maximum_jobs: int = Field(4, ge=1, description="Adaptive scaling: most jobs at once.")
+    max_pending_jobs: int = Field(
+        1, ge=1, description="Most worker jobs waiting in the queue at once: more are submitted only as the "
+        "waiting ones start (jobs that cannot start yet would only sit pending).",
+    )
+    job_name: str | None = Field(
+        None, description="Name of the worker jobs (squeue, qstat) [default: geoseg-<output folder name>, e.g. "
+        "geoseg-2026-11-30 for a night's batch].",
+    )
     job_extra_directives: list[str] = Field(
         default_factory=list, description="More scheduler directives, e.g. ['--qos=night'] (SLURM) or ['-l select=1']."
     )
@@ -178,6 +215,10 @@ class ClusterConfig(_Config):
     memory_limit: str = Field("auto", description="Per-worker memory limit for the LocalCluster, e.g. '4GiB'.")
     dashboard: bool = Field(False, description="Serve the Dask dashboard on 127.0.0.1 and print its link.")
     timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for a scheduler before giving up.")
+    worker_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds to wait for a worker (a SLURM/PBS job pending in the queue, a scheduler "
+        "with none) before giving up, at the start and whenever every worker is gone; a line every 15 s meanwhile.",
+    )
 
     @field_validator("address")
     @classmethod
@@ -217,10 +258,11 @@ def parse_scheduler_address(text: str) -> str:
 
 
 class VectorizeConfig(_Config):
-    """Polygons of the land-cover raster (GeoPackage, or FlatGeobuf by extension)."""
+    """Polygons of the land-cover raster (GeoPackage, FlatGeobuf or GeoParquet by extension)."""
 
     enabled: bool = Field(True, description="Write the vector output.")
-    output: str = Field("landcover.gpkg", description="File name in output_dir; .gpkg or .fgb.")
+    output: str = Field("landcover.gpkg", description="File name in output_dir: .gpkg (its style inside), .fgb or "
+                        ".parquet (GeoParquet 1.1, pip install 'geoseg[parquet]'; both with a .qml style beside).")
     layer: str = Field("landcover", description="Layer name in the GeoPackage.")
     connectivity: Literal[4, 8] = Field(4, description="Pixel connectivity of a polygon (as rasterio.features.shapes).")
     min_area_px: int = Field(0, ge=0, description="Minimum mapping unit in pixels (0: keep every patch).")
@@ -234,8 +276,12 @@ class VectorizeConfig(_Config):
     def _plain_name(cls, v: str) -> str:
         if Path(v).name != v or v in ("", ".", ".."):
             raise ValueError(f"must be a file name inside output_dir, not a path (got {v!r})")
-        if Path(v).suffix.lower() not in (".gpkg", ".fgb"):
-            raise ValueError(f"extension must be .gpkg or .fgb (got {v!r})")
+        suffix = Path(v).suffix.lower()
+        if suffix not in (".gpkg", ".fgb", ".parquet"):
+            raise ValueError(f"extension must be .gpkg, .fgb or .parquet (got {v!r})")
+        if suffix != ".gpkg" and Path(v).stem == "landcover":
+            raise ValueError(f"{v} would share landcover.qml with the raster's style; name it e.g. "
+                             f"landcover-polygons{suffix}")
         return v
 
 
