@@ -94,7 +94,7 @@ def test_every_third_party_import_is_a_declared_dependency():
     extras = {k: names(v) for k, v in project["optional-dependencies"].items()}
     #: module -> the extra that declares it (imported only by the feature that needs it, with a clear error)
     optional = {"dask_jobqueue": "slurm", "pyarrow": "parquet", "bokeh": "dashboard", "onnx": "onnx",
-                "onnxruntime": "onnx"}
+                "onnxruntime": "onnx"}  # each imported where its feature is used, with an error naming the extra
     dist_of = packages_distributions()
     missing = []
     for path in PACKAGE.rglob("*.py"):
@@ -115,3 +115,18 @@ def test_psutil_is_not_a_runtime_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(r.startswith("psutil") for r in project["dependencies"])
     assert any(r.startswith("psutil") for r in project["optional-dependencies"]["bench"])
+
+
+def test_every_script_the_docs_and_configs_name_exists():
+    """A command shown in a config, a doc or the README names a file of this checkout."""
+    import re
+
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").rglob("*.y*ml")),
+             *sorted((ROOT / "pipelines").glob("*.yaml")), *sorted((ROOT / "configs" / "nightly").glob("*"))]
+    missing = []
+    for text in texts:
+        for name in re.findall(r"\b((?:benchmarks|configs|pipelines)/[\w./-]+\.(?:py|yaml|sh|sbatch))\b",
+                               text.read_text()):
+            if not (ROOT / name).exists():
+                missing.append(f"{name} (named in {text.relative_to(ROOT)})")
+    assert not missing, missing
