@@ -106,7 +106,7 @@ def open_client(cfg: ClusterConfig, use_gpu: bool = False, *, name: str = "geose
         # One worker and one thread per GPU (the dask-cuda advice); tasks ask for GPU=1.
         n_workers, threads, resources = max(1, gpu_count()), 1, {"GPU": 1, INFER: 1}
     pre_spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
-    with dask.config.set(pre_spawn):
+    with dask.config.set({**pre_spawn, "distributed.worker.memory.pause": False}):  # see workerenv.PAUSE_ENV
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads,

@@ -618,7 +618,7 @@ def test_the_catalogue_documents_every_case():
                             "no shell invocation with user strings", "dashboard on localhost only",
                             "killed at any moment (kill -9)", "two runs into one folder at once",
                             "input changed during the run", "scene across the antimeridian",
-                            "paths relative to the config file"}
+                            "paths relative to the config file", "a port that accepts but never answers as Dask"}
     assert rows == {c.id for c in CATALOGUE} | documented_elsewhere
 
 

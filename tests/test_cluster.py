@@ -229,3 +229,30 @@ def test_the_nightly_wrapper_passes_sigterm_on_and_exits_130(tmp_path, unet_chec
     assert proc.wait(timeout=30) == 130
     rows = json.loads((tmp_path / "lc" / "2026-11-22" / "batch.json").read_text())["scenes"]
     assert "interrupted" in {r["status"] for r in rows} and "failed" not in {r["status"] for r in rows}
+
+
+_HELD: list = []
+
+
+def _hold_until(fraction: float, limit: int) -> float:  # runs on the worker: memory up to fraction x limit, kept
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    _HELD.append(np.ones(max(0, int(fraction * limit) - rss), dtype=np.uint8))
+    return psutil.Process().memory_info().rss / limit
+
+
+def test_a_worker_over_dasks_pause_threshold_keeps_running_tasks():
+    """With geoseg's malloc settings memory never falls back, so a paused worker would wait for ever."""
+    from geoseg.cluster import open_client
+    from geoseg.config import ClusterConfig
+
+    limit = 1024 * 2**20
+    with open_client(ClusterConfig(n_workers=1, threads_per_worker=1, memory_limit="1GiB")) as client:
+        used = client.submit(_hold_until, 0.87, limit, pure=False).result(timeout=60)
+        assert 0.8 < used < 0.95, used  # past Dask's pause threshold, short of the nanny's restart
+        time.sleep(1.5)  # the memory monitor runs every 100 ms
+        assert client.submit(sum, [1, 2], pure=False).result(timeout=20) == 3
+        status = client.run_on_scheduler(lambda dask_scheduler: [w.status.name
+                                                                 for w in dask_scheduler.workers.values()])
+        assert status == ["running"]

@@ -255,13 +255,13 @@ def test_a_walltime_that_expires_mid_batch_then_a_resubmission_finishes_byte_ide
     job = sbatch_nightly(slurm, "-t", "1", "-o", str(tmp_path / "cut-%j.out"), night=night)
     wait_for(lambda: job_exit(slurm, job)[0] not in ("PENDING", "RUNNING", "COMPLETING"), 240, "walltime", every=1)
     state, code = job_exit(slurm, job)
+    log = (tmp_path / "lc" / "logs" / night / "batch.log").read_text()
     manifest = json.loads((tmp_path / "lc" / night / "batch.json").read_text())
     counts = manifest["counts"]
     # The shipped --signal=B:TERM@120 warns a 1-minute job at once: geoseg stops cleanly and the job ends with
     # the wrapper's 130 (FAILED), or SLURM's own limit ends it first (TIMEOUT); either way nothing "failed".
-    assert state == "TIMEOUT" or (state, code) == ("FAILED", "130"), (state, code)
+    assert state == "TIMEOUT" or (state, code) == ("FAILED", "130"), (state, code, log)
     assert counts.get("interrupted") and not counts.get("failed"), counts
-    log = (tmp_path / "lc" / "logs" / night / "batch.log").read_text()
     assert "exit 130" in log and "Traceback" not in log, log
 
     job = sbatch_nightly(slurm, "-t", "10", "-o", str(tmp_path / "again-%j.out"), night=night)

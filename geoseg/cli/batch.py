@@ -28,6 +28,9 @@ def command(config: str, scenes_spec: str, overrides: tuple[str, ...], overwrite
     from geoseg.errors import EXIT_SCENES_FAILED, InputError
     from geoseg.pipeline import load_pipeline
 
+    # The scenes come from --scenes: the pipeline's own input (a sample scene in the shipped YAMLs) is neither
+    # read nor required to exist.
+    overrides = ("input=null", *overrides)
     if overwrite:
         overrides = (*overrides, "overwrite=true")
     cfg = load_pipeline(config, overrides)
