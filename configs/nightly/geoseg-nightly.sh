@@ -22,6 +22,12 @@
 # Exit: 0 every scene done or skipped, 3 some scenes failed, 130 stopped (SIGTERM/SIGINT; rerun to go on),
 # 1 a night could not run at all.
 set -uo pipefail
+# First of all: SLURM's warning signal can come the moment the job starts (--signal=B:TERM@120 on a short
+# job). Before a batch runs, a stop ends the script with 130; during one, it is passed on to geoseg.
+child=
+stopped=0
+stop() { stopped=1; if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; fi; }
+trap stop TERM INT
 
 if [ -n "${GEOSEG_TZ:-}" ]; then export TZ=$GEOSEG_TZ; fi
 night=${1:-$(date -d yesterday +%F)}
@@ -41,10 +47,6 @@ extra=()
 if [ -n "${GEOSEG_PARTITION:-}" ]; then extra+=(--set "cluster.jobqueue.queue=$GEOSEG_PARTITION"); fi
 for kv in ${GEOSEG_SET:-}; do extra+=(--set "$kv"); done
 
-child=
-stop() { [ -n "$child" ] && kill -TERM "$child" 2>/dev/null; stopped=1; }
-stopped=0
-trap stop TERM INT
 
 # run_night NIGHT: one night's batch into $out_root/NIGHT, its log in $log_root/NIGHT/batch.log.
 run_night() {
@@ -74,6 +76,7 @@ for ((k = catch_up; k >= 0; k--)); do
         if [ -f "$manifest" ] && grep -q '"ok": true' "$manifest"; then continue; fi
         compgen -G "${scenes_of//\{night\}/$n}" >/dev/null || continue
     fi
+    if [ "$stopped" = 1 ]; then exit 130; fi
     run_night "$n"; rc=$?
     if [ "$stopped" = 1 ] || [ "$rc" = 130 ]; then exit 130; fi
     if [ "$rc" = 1 ] || { [ "$rc" != 0 ] && [ "$worst" = 0 ]; }; then worst=$rc; fi
