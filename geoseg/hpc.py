@@ -7,7 +7,7 @@
 - Adaptive scaling never keeps more than ``max_pending_jobs`` jobs waiting in the queue: a job that
   cannot start is not joined by more that cannot either.
 - While no worker is connected, :meth:`JobWatch.describe` says which jobs wait and why (squeue's state and
-  reason), for the progress lines and the timeout of :func:`geoseg.cluster.wait_for_workers`.
+  reason), for the progress lines and the timeout of :class:`geoseg.cluster.Health`.
 - Job ids and their log files go to the log as they are submitted.
 """
 
