@@ -47,7 +47,6 @@ extra=()
 if [ -n "${GEOSEG_PARTITION:-}" ]; then extra+=(--set "cluster.jobqueue.queue=$GEOSEG_PARTITION"); fi
 for kv in ${GEOSEG_SET:-}; do extra+=(--set "$kv"); done
 
-
 # run_night NIGHT: one night's batch into $out_root/NIGHT, its log in $log_root/NIGHT/batch.log.
 run_night() {
     local n=$1 logs=$log_root/$1
