@@ -337,12 +337,6 @@ def completed(client: Client, futures: list) -> Iterator[Any]:
             ac.thread_condition.wait(timeout=0.2)
 
 
-def for_each_result(tasks: list, consume: Callable[[Any], None], client: Client | None = None) -> None:
-    """Hand each result of ``tasks`` to ``consume`` as soon as it is done (:func:`iter_results`)."""
-    for result in iter_results(tasks, client):
-        consume(result)
-
-
 def map_in_order(task_groups: list[list], client: Client | None = None, lookahead: int = 2) -> Iterator[list]:
     """Compute groups of Dask ``tasks`` and yield each group's results in order, ``lookahead`` groups ahead.
 

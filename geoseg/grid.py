@@ -33,11 +33,6 @@ class RasterGrid:
     width: int
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """(height, width)."""
-        return self.height, self.width
-
-    @property
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in CRS units."""
         from rasterio.transform import array_bounds
@@ -64,12 +59,6 @@ class RasterGrid:
         per_deg_lon = 111412.84 * math.cos(lat) - 93.5 * math.cos(3 * lat)
         per_deg_lat = 111132.92 - 559.82 * math.cos(2 * lat) + 1.175 * math.cos(4 * lat)
         return self.pixel_area * per_deg_lon * per_deg_lat
-
-    def window_transform(self, window: Window) -> Affine:
-        """Transform of a window of this grid (``rasterio.windows.transform``)."""
-        from rasterio.windows import transform
-
-        return transform(window, self.transform)
 
     @classmethod
     def of(cls, dataset: object) -> RasterGrid:
@@ -228,42 +217,36 @@ def relative(inner: Window, outer: Window) -> tuple[slice, slice]:
     return slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width))
 
 
-def blend_weights(size: int, overlap: int, mode: str) -> np.ndarray:
-    """2-D window weight of one tile: the outer product of :func:`blend_weights_1d`."""
-    w = blend_weights_1d(size, overlap, mode)
+def blend_weights(size: int, overlap: int) -> np.ndarray:
+    """2-D cosine window weight of one tile: the outer product of :func:`blend_weights_1d`."""
+    w = blend_weights_1d(size, overlap)
     return np.outer(w, w)
 
 
-def blend_weights_1d(size: int, overlap: int, mode: str) -> np.ndarray:
-    """1-D window weight of one tile.
+def blend_weights_1d(size: int, overlap: int) -> np.ndarray:
+    """1-D cosine window weight of one tile.
 
-    ``cosine``: a raised-cosine ramp across each overlap band and 1 inside, so two neighbours' weights sum
-    to exactly 1 where they overlap and every pixel is dominated by the tile that sees it with more context.
-    Strictly positive everywhere. ``crop``: 1 on the core, 0 on the halo, so each pixel comes from the
-    one tile whose core holds it.
+    A raised-cosine ramp across each overlap band and 1 inside, so two neighbours' weights sum to exactly 1
+    where they overlap and every pixel is dominated by the tile that sees it with more context. Strictly
+    positive everywhere. (``crop`` blending needs no ramp: :func:`tile_weights` selects the tile's core.)
 
-    >>> w = blend_weights_1d(8, 4, "cosine")  # the last 4 of one tile meet the first 4 of the next
+    >>> w = blend_weights_1d(8, 4)  # the last 4 of one tile meet the first 4 of the next
     >>> bool(np.allclose(w[4:] + w[:4], 1.0))
     True
     """
     w = np.ones(size, dtype=np.float32)
     if overlap:
-        if mode == "crop":
-            h = overlap // 2
-            w[:h] = 0
-            w[size - h :] = 0
-        else:
-            x = (np.arange(overlap, dtype=np.float64) + 0.5) / overlap
-            ramp = np.sin(0.5 * np.pi * x) ** 2
-            w[:overlap] = ramp
-            w[size - overlap :] = ramp[::-1]
+        x = (np.arange(overlap, dtype=np.float64) + 0.5) / overlap
+        ramp = np.sin(0.5 * np.pi * x) ** 2
+        w[:overlap] = ramp
+        w[size - overlap :] = ramp[::-1]
     return w
 
 
 def tile_weights(tile: Tile, size: int, overlap: int, mode: str) -> np.ndarray:
     """Blend weight of ``tile`` over its window: the cosine window, or 1 on its own core for ``crop``."""
     if mode != "crop":
-        return blend_weights(size, overlap, mode)
+        return blend_weights(size, overlap)
     w = np.zeros((size, size), dtype=np.float32)
     r0, c0 = int(tile.core.row_off - tile.window.row_off), int(tile.core.col_off - tile.window.col_off)
     w[r0 : r0 + int(tile.core.height), c0 : c0 + int(tile.core.width)] = 1.0
