@@ -7,9 +7,11 @@ changed is redone, and a scene interrupted earlier continues from its finished c
 is recorded and the others carry on. The manifest (``batch.csv``, then ``batch.json`` last) has one row per
 scene: status (done, skipped, failed, interrupted), seconds, outputs and the error.
 
-Failures are remembered: a scene that failed because of its input (an unreadable raster, bands or CRS the
-model cannot use: :data:`INPUT_FAILURES`) is not run again by later batches while its fingerprint stays
-the same (``retry_failed`` does); a transient failure (a worker lost, a time limit, the cluster) is retried.
+Failures are remembered by kind (:func:`failure_kind`): a scene that failed because of its input (an
+unreadable raster, bands or CRS the model cannot use: :data:`INPUT_FAILURES`) is not run again by later
+batches while its fingerprint stays the same (``retry_failed`` does); a failure on the output side (its
+folder cannot be created or written, the disk is full), of the cluster, or a transient one (a worker lost,
+a time limit) is retried by the next batch.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from typing import TYPE_CHECKING, Any
 from geoseg import interrupt
 from geoseg._io import write_text_atomic
 from geoseg.config import PipelineConfig
-from geoseg.errors import CheckpointError, ConfigError, GeosegError, InputError
+from geoseg.errors import (
+    CheckpointError,
+    ClusterError,
+    ConfigError,
+    GeosegError,
+    InputError,
+    NoScenesError,
+    OutputError,
+    OutputWriteError,
+)
 from geoseg.fingerprint import output_fingerprint
 from geoseg.pipeline import holds_run, previous_status, run_pipeline
 
@@ -43,6 +54,8 @@ log = logging.getLogger("geoseg")
 BATCH_MANIFEST = "batch.json"
 #: Errors that come from a scene's input (or the model's fit to it): the same input fails the same way.
 INPUT_FAILURES = (InputError, CheckpointError, ConfigError)
+#: The kinds of failure a batch row records; only ``input`` failures are remembered (not retried).
+FAILURE_KINDS = ("input", "output", "cluster", "transient")
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ def expand_scenes(spec: str, stac_asset: str = "image") -> list[Scene]:
         scenes = [Scene(scene_name(Path(p).stem, taken), Path(p).absolute())
                   for p in sorted(glob.glob(spec, recursive=True))]
     if not scenes:
-        raise InputError(f"--scenes {spec!r}: matches no file")
+        raise NoScenesError(f"--scenes {spec!r}: matches no file")
     return scenes
 
 
@@ -168,7 +181,7 @@ def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, 
     try:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"output_dir: cannot create {cfg.output_dir} ({exc.strerror})") from None
+        raise OutputWriteError(f"output_dir: cannot create {cfg.output_dir} ({exc.strerror})") from None
     with FolderLock(cfg.output_dir, what="batch"):
         return _run_batch(cfg, scenes, report, force, retry_failed, client)
 
@@ -263,8 +276,16 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
 
 
 def failure_kind(exc: BaseException) -> str:
-    """``input`` for a failure the same input would repeat, else ``transient`` (retried by the next batch)."""
-    return "input" if isinstance(exc, INPUT_FAILURES) else "transient"
+    """One of :data:`FAILURE_KINDS` for a scene's failure.
+
+    ``input`` for a failure the same input would repeat (not retried while it is unchanged); ``output``,
+    ``cluster`` or ``transient`` for one the next batch retries.
+    """
+    if isinstance(exc, OutputError):  # before INPUT_FAILURES: the folder, not the scene, is at fault
+        return "output"
+    if isinstance(exc, INPUT_FAILURES):
+        return "input"
+    return "cluster" if isinstance(exc, ClusterError) else "transient"
 
 
 def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool) -> dict[str, Any]:

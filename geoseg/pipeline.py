@@ -24,7 +24,7 @@ from geoseg import _faults, interrupt
 from geoseg._io import check_overwrite, remove, write_text_atomic
 from geoseg._version import __version__
 from geoseg.config import PipelineConfig, dump_config, load_config
-from geoseg.errors import ConfigError, GeosegError, InputError
+from geoseg.errors import ConfigError, GeosegError, InputError, OutputWriteError
 from geoseg.fingerprint import model_digest, output_fingerprint
 from geoseg.models import ModelSpec, read_model_spec
 from geoseg.progress import Progress
@@ -164,7 +164,7 @@ def check_paths(cfg: PipelineConfig) -> None:
         target = (cfg.output_dir / name).resolve()
         for key, path in resolved.items():
             if target == path or path.is_relative_to(target):
-                raise InputError(f"output_dir: {cfg.output_dir / name} would replace the run's {key} ({path}); "
+                raise OutputWriteError(f"output_dir: {cfg.output_dir / name} would replace the run's {key} ({path}); "
                                  "write the outputs to another folder")
 
 
@@ -190,9 +190,9 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"output_dir: cannot create {out_dir} ({exc.strerror})") from None
+        raise OutputWriteError(f"output_dir: cannot create {out_dir} ({exc.strerror})") from None
     if not os.access(out_dir, os.W_OK):
-        raise InputError(f"output_dir: {out_dir} is not writable")
+        raise OutputWriteError(f"output_dir: {out_dir} is not writable")
     with FolderLock(out_dir):
         _faults.point("setup")
         stage = Stage(out_dir)
@@ -234,13 +234,11 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
                 manifest["metrics"] = result.metrics
             if cfg.write.stac_item:
                 from geoseg.stac import stac_item
-                from geoseg.write import CONFIDENCE_SCALE
+                from geoseg.write import confidence_scale
 
-                scale = None if cfg.write.confidence == "none" else (
-                    CONFIDENCE_SCALE if cfg.write.confidence == "uint8" else 1.0)
                 item = stac_item(item_id or cfg.input.stem, raster, result.outputs, spec.classes, cfg.write.nodata,
                                  metrics=result.metrics, source=source, staged=staged, when=cfg.write.datetime,
-                                 confidence_scale=scale)
+                                 confidence_scale=confidence_scale(cfg.write.confidence))
                 write_text_atomic(staged / STAC_ITEM, json.dumps(item, indent=2) + "\n")
                 result.outputs["stac_item"] = str(out_dir / STAC_ITEM)
             if input_identity(cfg.input) != identity:

@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from geoseg._io import atomic_path, check_overwrite
 from geoseg.classes import ClassMap
 from geoseg.config import VectorizeConfig
-from geoseg.errors import ConfigError, InputError
+from geoseg.errors import ConfigError, InputError, OutputWriteError
 from geoseg.grid import RasterGrid
 
 if TYPE_CHECKING:
@@ -534,7 +534,7 @@ def vectorize_classes(raster: Path, output: Path, cfg: VectorizeConfig | None = 
     cfg = cfg if cfg is not None else VectorizeConfig()
     output = Path(output)
     if not output.parent.is_dir():
-        raise InputError(f"{output}: folder {output.parent} does not exist")
+        raise OutputWriteError(f"{output}: folder {output.parent} does not exist")
     driver = FORMATS.get(output.suffix.lower())
     if driver is None:
         raise InputError(f"{output}: unsupported vector format; use .gpkg, .fgb or .parquet")

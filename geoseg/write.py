@@ -158,14 +158,21 @@ def confidence_writer(path: Path, grid: RasterGrid, dtype: str, *, compress: str
     )
 
 
-#: uint8 confidence: stored value x 1/250 is the probability (255 is nodata).
-CONFIDENCE_SCALE = 1 / 250
+#: uint8 confidence: probabilities 0-1 stored as 0-250 (255 is nodata); the one home of the encoding.
+CONFIDENCE_LEVELS = 250
+#: GDAL's scale of the uint8 confidence: stored value x scale = probability.
+CONFIDENCE_SCALE = 1 / CONFIDENCE_LEVELS
+
+
+def confidence_scale(dtype: str) -> float | None:
+    """GDAL scale of ``write.confidence`` = ``dtype`` (``None`` when no confidence is written)."""
+    return None if dtype == "none" else CONFIDENCE_SCALE if dtype == "uint8" else 1.0
 
 
 def encode_confidence(conf: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
     """Confidence block in its output encoding."""
     if dtype == "uint8":
-        return np.where(valid, np.round(conf * 250), 255).astype(np.uint8)
+        return np.where(valid, np.round(conf * CONFIDENCE_LEVELS), 255).astype(np.uint8)
     return np.where(valid, conf.astype(np.float16).astype(np.float32), -1.0).astype(np.float32)
 
 

@@ -42,6 +42,18 @@ def test_usage_error_exit_code(capsys):  # noqa: ANN001
     assert "Missing argument" in capsys.readouterr().err
 
 
+def test_an_internal_error_has_its_own_exit_code_and_one_line(monkeypatch, capsys):  # noqa: ANN001
+    import geoseg.pipeline
+
+    def bug(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(geoseg.pipeline, "load_pipeline", bug)
+    assert main(["batch", "any.yaml", "--scenes", "x.tif"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["geoseg: internal error: ZeroDivisionError: a bug (rerun with --verbose for details)"]
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr
@@ -63,6 +75,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, sample_scene, fcn_
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
+@pytest.mark.slow
 def test_sample_and_run_end_to_end(tmp_path, fcn_checkpoint):  # noqa: ANN001
     r = geoseg("sample", str(tmp_path / "s"), "--size", "96", "--width", "120", "--seed", "4")
     assert r.returncode == 0, r.stderr
@@ -82,6 +95,7 @@ def test_sample_and_run_end_to_end(tmp_path, fcn_checkpoint):  # noqa: ANN001
     assert r.returncode == 0 and 0 <= json.loads(r.stdout)["overall_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_run_takes_a_raster_with_gdal_style_options(tmp_path, fcn_checkpoint, sample_scene):
     """geoseg run SCENE.tif --model M -o OUT --co KEY=VALUE: the shipped defaults, options anywhere."""
     out = tmp_path / "out"
@@ -112,6 +126,7 @@ def test_run_says_what_kind_of_file_it_expected(tmp_path, fcn_checkpoint, sample
     assert "folder" in line and "does not exist" in line
 
 
+@pytest.mark.slow
 def test_log_lines_off_a_terminal_carry_time_stamps_and_stage_progress(tmp_path, fcn_checkpoint, sample_scene):
     r = geoseg("run", str(sample_scene.image), "--model", str(fcn_checkpoint), "-o", str(tmp_path / "o"),
                "--set", "tile.size=64", "--set", "tile.overlap=16", "--set", f"evaluate.reference={sample_scene.labels}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def test_a_refused_connection_fails_at_once(tmp_path, fcn_checkpoint):  # noqa: 
     assert time.monotonic() - t0 < 5  # not the 30 s timeout
 
 
+@pytest.mark.slow
 def test_a_scheduler_without_workers_times_out_with_a_line_and_sigterm_ends_it(tmp_path, fcn_checkpoint):  # noqa: ANN001
     scenes_in(tmp_path / "in", n=2)
     with scheduler(tmp_path) as address:
@@ -77,6 +79,7 @@ def test_a_scheduler_without_workers_times_out_with_a_line_and_sigterm_ends_it(t
     assert code == 130 and seconds < 10 and "interrupted" in err, err
 
 
+@pytest.mark.slow
 def test_geoseg_worker_joins_with_geoseg_settings_and_gives_identical_results(tmp_path, client, fcn_checkpoint):  # noqa: ANN001
     from distributed import Client
 
@@ -110,6 +113,7 @@ def test_geoseg_worker_joins_with_geoseg_settings_and_gives_identical_results(tm
                 worker.kill()
 
 
+@pytest.mark.slow
 def test_a_plain_dask_worker_is_warned_about(tmp_path, fcn_checkpoint):  # noqa: ANN001
     scenes_in(tmp_path / "in", n=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -160,7 +164,7 @@ def test_a_scene_whose_input_failed_is_not_retried_until_it_changes(tmp_path, cl
     assert statuses(run_batch(cfg, scenes, client=client)) == {"scene0": "skipped", "scene1": "done"}
 
 
-def test_a_transient_failure_is_retried_by_the_next_batch(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001
+def test_a_cluster_failure_is_retried_by_the_next_batch(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001
     import geoseg.batch as batch
 
     paths = scenes_in(tmp_path / "in", n=1)
@@ -173,9 +177,34 @@ def test_a_transient_failure_is_retried_by_the_next_batch(tmp_path, client, fcn_
 
     monkeypatch.setattr(batch, "run_pipeline", lost)
     row = run_batch(cfg, scenes, client=client).rows[0]
-    assert row["status"] == "failed" and row["failure"] == "transient"
+    assert row["status"] == "failed" and row["failure"] == "cluster"
     monkeypatch.setattr(batch, "run_pipeline", real)
     assert statuses(run_batch(cfg, scenes, client=client)) == {"scene0": "done"}
+
+
+def test_a_scene_whose_output_folder_cannot_be_made_fails_in_one_line_and_the_next_rerun_does_it(
+        tmp_path, client, fcn_checkpoint):  # noqa: ANN001
+    # A file where the scene's folder should be: mkdir fails, also for root (who ignores permission bits).
+    paths = scenes_in(tmp_path / "in", n=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scene1").write_text("in the way")
+    scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
+    cfg = pipeline_config(paths[0], fcn_checkpoint, tmp_path / "out", **COMMON)
+    row = {r["scene"]: r for r in run_batch(cfg, scenes, client=client).rows}["scene1"]
+    assert row["status"] == "failed" and row["failure"] == "output"
+    assert re.fullmatch(r"output_dir: cannot create \S+/out/scene1 \(.+\)", row["error"]), row["error"]
+    (tmp_path / "out" / "scene1").unlink()  # fixed: a plain rerun retries it
+    assert statuses(run_batch(cfg, scenes, client=client)) == {"scene0": "skipped", "scene1": "done"}
+
+
+def test_an_empty_scene_list_is_a_typed_condition(tmp_path):  # noqa: ANN001
+    from geoseg.errors import NoScenesError
+
+    with pytest.raises(NoScenesError):
+        expand_scenes(str(tmp_path / "nothing" / "*.tif"))
+    (tmp_path / "none.txt").write_text("# no scene tonight\n")
+    with pytest.raises(NoScenesError):
+        expand_scenes(str(tmp_path / "none.txt"))
 
 
 def nightly(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -183,6 +212,7 @@ def nightly(env: dict, *args: str, timeout: float = 300) -> subprocess.Completed
                           env={**os.environ, **env}, timeout=timeout, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_the_nightly_wrapper_picks_up_unfinished_nights_and_an_empty_night_succeeds(tmp_path, fcn_checkpoint):  # noqa: ANN001
     pipeline = tmp_path / "pipe.yaml"
     pipeline.write_text(yaml.safe_dump({"model": str(fcn_checkpoint), "output_dir": str(tmp_path / "unused"),
@@ -214,6 +244,7 @@ def test_the_nightly_wrapper_picks_up_unfinished_nights_and_an_empty_night_succe
     assert bad.returncode == 1 and "YYYY-MM-DD" in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_nightly_wrapper_passes_sigterm_on_and_exits_130(tmp_path, unet_checkpoint):  # noqa: ANN001
     pipeline = tmp_path / "pipe.yaml"
     pipeline.write_text(yaml.safe_dump({"model": str(unet_checkpoint), "output_dir": str(tmp_path / "unused"),

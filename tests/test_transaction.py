@@ -85,6 +85,7 @@ def crash_case(tmp_path_factory, fcn_checkpoint, scheduler):
     return config, out, digests(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_kill_at_any_moment_then_rerun_gives_the_same_bytes(crash_case, point):
     config, out, expected = crash_case
@@ -235,14 +236,14 @@ def test_only_the_files_a_run_writes_are_guarded_and_touched(tmp_path, client, f
 
 
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, client, fcn_checkpoint):
-    from geoseg.errors import InputError
+    from geoseg.errors import OutputWriteError
     from geoseg.pipeline import run_pipeline
 
     data = np.full((4, 30, 30), 900, dtype="uint16")
     scene = write_raster(tmp_path / "landcover.tif", data)
     before = scene.read_bytes()
     cfg = pipeline_config(scene, fcn_checkpoint, tmp_path, tile={"size": 32, "overlap": 8}, overwrite=True)
-    with pytest.raises(InputError, match=r"landcover.tif would replace the run's input"):
+    with pytest.raises(OutputWriteError, match=r"landcover.tif would replace the run's input"):
         run_pipeline(cfg, client=client)
     assert scene.read_bytes() == before
     ref_cfg = pipeline_config(write_raster(tmp_path / "scene.tif", data), fcn_checkpoint, tmp_path / "out",
@@ -250,7 +251,7 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, cli
                               evaluate={"reference": str(write_raster(tmp_path / "out.tif", data[0]))})
     (tmp_path / "out").mkdir()
     os.replace(tmp_path / "out.tif", tmp_path / "out" / "metrics.json")
-    with pytest.raises(InputError, match=r"metrics.json would replace the run's evaluate.reference"):
+    with pytest.raises(OutputWriteError, match=r"metrics.json would replace the run's evaluate.reference"):
         run_pipeline(ref_cfg.model_copy(update={"evaluate": ref_cfg.evaluate.model_copy(
             update={"reference": tmp_path / "out" / "metrics.json"})}), client=client)
 

@@ -20,7 +20,7 @@
 # Each night's batch skips finished scenes, resumes interrupted ones from their chunks, retries transient
 # failures and does not retry scenes whose unchanged input failed. A night without scenes is a success.
 # Exit: 0 every scene done or skipped, 3 some scenes failed, 130 stopped (SIGTERM/SIGINT; rerun to go on),
-# 1 a night could not run at all.
+# 1 a night could not run at all, 4 geoseg met an internal error (a bug); the worst night's code wins.
 set -uo pipefail
 # First of all: SLURM's warning signal can come the moment the job starts (--signal=B:TERM@120 on a short
 # job). Before a batch runs, a stop ends the script with 130; during one, it is passed on to geoseg.
@@ -78,6 +78,9 @@ for ((k = catch_up; k >= 0; k--)); do
     if [ "$stopped" = 1 ]; then exit 130; fi
     run_night "$n"; rc=$?
     if [ "$stopped" = 1 ] || [ "$rc" = 130 ]; then exit 130; fi
-    if [ "$rc" = 1 ] || { [ "$rc" != 0 ] && [ "$worst" = 0 ]; }; then worst=$rc; fi
+    # Worst first: 4 (a bug), then 1 (a night could not run), then any other failure (3).
+    if [ "$rc" = 4 ] || { [ "$rc" = 1 ] && [ "$worst" != 4 ]; } || { [ "$rc" != 0 ] && [ "$worst" = 0 ]; }; then
+        worst=$rc
+    fi
 done
 exit "$worst"

@@ -22,10 +22,11 @@ def command(config: str, scenes_spec: str, overrides: tuple[str, ...], overwrite
     """Run the pipeline on every scene into OUTPUT_DIR/<scene>/; skip finished scenes; write batch.json/.csv.
 
     Exit codes: 0 every scene done or skipped, 3 some scenes failed, 130 interrupted (rerun to continue),
-    1 nothing could run (configuration, input, cluster).
+    1 nothing could run (configuration, input, output folder, cluster), 2 a usage error, 4 an internal error
+    (a bug in geoseg).
     """
     from geoseg.batch import expand_scenes, run_batch
-    from geoseg.errors import EXIT_SCENES_FAILED, InputError
+    from geoseg.errors import EXIT_SCENES_FAILED, NoScenesError
     from geoseg.pipeline import load_pipeline
 
     # The scenes come from --scenes: the pipeline's own input (a sample scene in the shipped YAMLs) is neither
@@ -36,8 +37,8 @@ def command(config: str, scenes_spec: str, overrides: tuple[str, ...], overwrite
     cfg = load_pipeline(config, overrides)
     try:
         scenes = expand_scenes(scenes_spec, cfg.batch.stac_asset)
-    except InputError as exc:
-        if allow_empty and "matches no file" in str(exc):
+    except NoScenesError:
+        if allow_empty:
             click.echo(f"geoseg: no scenes: --scenes {scenes_spec!r} matches no file; nothing to do", err=True)
             return
         raise

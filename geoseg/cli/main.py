@@ -1,7 +1,8 @@
 """``geoseg`` entry point: the command group and the one-line error policy.
 
 User errors (:class:`~geoseg.errors.GeosegError`) print ``geoseg: error: <message>`` on one line and exit
-1; ``--verbose`` adds the traceback. Commands live in their own modules and only parse options.
+1; a usage error exits 2, a bug (any other exception) ``geoseg: internal error: ...`` and 4; ``--verbose``
+adds the traceback. Commands live in their own modules and only parse options.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import click
 from geoseg._version import __version__
 from geoseg.cli.options import STATE as _STATE
 from geoseg.cli.options import set_verbosity
-from geoseg.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, GeosegError
+from geoseg.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, GeosegError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +28,11 @@ def cli(verbose: bool, quiet: bool) -> None:
     \b
     geoseg run scene.tif --model model.safetensors -o out/     segment a scene
     geoseg run pipelines/landcover.yaml                        ... or as a pipeline YAML describes it
+
+    \b
+    Exit codes: 0 done; 1 an error in the configuration, an input, an output folder or the cluster (one
+    line says which); 2 a usage error; 3 geoseg batch ran and some scenes failed; 4 an internal error (a
+    bug: please report it with --verbose's output); 130 stopped by SIGINT/SIGTERM (rerun to continue).
     """
     set_verbosity(verbose, quiet, reset=True)
 
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             f"geoseg: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --verbose for details)",
             err=True,
         )
-        return EXIT_USAGE
+        return EXIT_INTERNAL
 
 
 def _exit_soon(code: int, grace_s: float = 10.0) -> int:
