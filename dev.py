@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Two commands, nothing installed beforehand but Python 3.10+.
 
-    python3 dev.py demo    # segment the sample scene with the demo model (made on first use)
-    python3 dev.py test    # lint (ruff), type-check (mypy), then run the test suite
-    python3 dev.py bare    # CI: install geoseg without extras in a fresh venv and run the shipped pipeline
+    python3 dev.py demo          # segment the sample scene with the demo model (made on first use)
+    python3 dev.py test          # lint (ruff), type-check (mypy), then the fast tier of the tests
+    python3 dev.py test --all    # ... then every tier: slow, SLURM, GDAL/QGIS, real data (what CI runs)
+    python3 dev.py test ARGS     # pytest ARGS on the fast tier (add --all for every tier); no lint
+    python3 dev.py bare          # CI: install geoseg without extras in a fresh venv and run the shipped pipeline
 
 Each makes ``.venv`` on first use (and again when pyproject.toml changes), then runs the job. Standard
 library only: this file runs before anything is installed.
@@ -77,14 +79,28 @@ def demo(extra: list[str]) -> None:
     run(geoseg, "run", "pipelines/landcover.yaml", "--overwrite", *extra)
 
 
+#: The tests outside the fast tier (markers in pyproject.toml; docs/testing.md).
+FAST = "not (slow or slurm or gis or real_data)"
+
+
 def test(extra: list[str]) -> None:
-    """Lint and type checks, then the test suite."""
+    """Lint and type checks, then the fast tier of the tests (every tier with ``--all``)."""
+    every = "--all" in extra
+    extra = [a for a in extra if a != "--all"]
+    t0 = time.time()
     if not extra:
         say("ruff check")
         run(BIN / "ruff", "check", "geoseg", "tests", "benchmarks", "dev.py")
         say("mypy geoseg")
         run(BIN / "mypy")
-    run(PY, "-m", "pytest", *(extra or ["-q"]))
+    # The fast tier on two processes: its tests wait on subprocesses and Dask as much as they compute.
+    say("fast tier (2 processes)")
+    run(PY, "-m", "pytest", "-m", FAST, "-n", "2", *(extra or ["-q"]))
+    if every:
+        # One process: the SLURM and GIS fixtures install and start real services once per session.
+        say(f"the other tiers ({time.time() - t0:.0f}s so far)")
+        run(PY, "-m", "pytest", "-m", f"not ({FAST})", *(extra or ["-q"]))
+    say(f"tests passed in {time.time() - t0:.0f}s")
 
 
 def bare(extra: list[str]) -> None:

@@ -1,7 +1,19 @@
-"""Shared fixtures: tiny real rasters in tmp dirs, checkpoints the tests make themselves, a Dask client."""
+"""Shared fixtures: tiny real rasters in tmp dirs, checkpoints the tests make themselves, a Dask client.
+
+Also the test tiers (pyproject.toml's markers, docs/testing.md): a test marked ``slow``, ``slurm``, ``gis`` or
+``real_data`` runs only with ``python3 dev.py test --all``; every other test is in the fast tier, where a
+guard fails a test that connects to a network port it did not open itself (one listening before the
+session began, or another machine's).
+"""
 
 from __future__ import annotations
 
+import errno
+import inspect
+import ipaddress
+import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +25,113 @@ from geoseg.config import PipelineConfig, validate
 from geoseg.sample import BANDS, CLASSES, make_sample
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Markers that take a test out of the fast tier.
+TIERS = ("slow", "slurm", "gis", "real_data")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Record what every collected test is and needs (before ``-m`` deselects any) for tests/test_tiers.py."""
+    collected: list[dict] = []
+    config.geoseg_collected = collected  # type: ignore[attr-defined]  # (this file is imported twice)
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        collected.append({"nodeid": item.nodeid, "markers": sorted({m.name for m in item.iter_markers()}),
+                          "fixtures": sorted(getattr(item, "fixturenames", ())), "source": source})
+    dump = os.environ.get("GEOSEG_DUMP_COLLECTED")
+    if dump:
+        Path(dump).write_text(json.dumps(collected))
+
+
+def _listening_ports() -> set[int]:
+    import psutil
+
+    try:
+        return {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    except (psutil.AccessDenied, OSError):
+        return set()
+
+
+def _local_addresses() -> set[str]:
+    import psutil
+
+    return {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+
+
+class PortGuard:
+    """Lets sockets connect to this machine's ports other than ``outside`` (and to anything but TCP).
+
+    (A UDP "connect" sends nothing: distributed uses one to 8.8.8.8 to learn the machine's own address.)
+
+    Every other connection (another host, a service that was listening before the session) is recorded.
+    """
+
+    def __init__(self, outside: set[int], local: set[str] | None = None) -> None:
+        self.outside = outside
+        self.local = _local_addresses() if local is None else local
+        self.refused: list[str] = []
+
+    def allowed(self, family: int, address: object) -> bool:
+        """Whether a socket of ``family`` may connect to ``address``; a refusal is recorded."""
+        if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+            return True
+        host, port = address[0], address[1]
+        try:
+            here = ipaddress.ip_address(host).is_loopback or host in self.local
+        except ValueError:
+            here = host == "localhost"
+        if here and port not in self.outside:
+            return True
+        self.refused.append(f"{host}:{port}")
+        return False
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Route every ``socket.connect``/``connect_ex`` of this process through :meth:`allowed`."""
+        real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+        def checked(sock: socket.socket, address: object) -> bool:
+            return sock.type != socket.SOCK_STREAM or self.allowed(sock.family, address)
+
+        def connect(sock: socket.socket, address: object) -> None:
+            if not checked(sock, address):
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"fast tier: {address} is not the test's own port")
+            real_connect(sock, address)
+
+        def connect_ex(sock: socket.socket, address: object) -> int:
+            return real_connect_ex(sock, address) if checked(sock, address) else errno.ECONNREFUSED
+
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+#: Ports listening on this machine before the first fast test: services the fast tier must leave alone.
+OUTSIDE_PORTS: set[int] | None = None
+
+
+@pytest.fixture(autouse=True)
+def _own_ports_only(request, monkeypatch):  # noqa: ANN001
+    """In the fast tier: a connection to another host, or to a port already open when the session began, fails.
+
+    The refused connection raises ECONNREFUSED in the code under test, and the test fails at its end whatever
+    that code made of it (a retry loop, a timeout).
+    """
+    global OUTSIDE_PORTS
+    if any(request.node.get_closest_marker(m) for m in TIERS):
+        yield
+        return
+    if OUTSIDE_PORTS is None:
+        OUTSIDE_PORTS = _listening_ports()
+    guard = PortGuard(OUTSIDE_PORTS)
+    guard.install(monkeypatch)
+    yield
+    if guard.refused:
+        pytest.fail(f"a fast-tier test connected to {', '.join(sorted(set(guard.refused)))}, a port it did not "
+                    f"open itself: mark it {' / '.join(TIERS)} or give it its own service")
 
 
 def write_raster(path: Path, data: np.ndarray, *, crs: str = "EPSG:32632", transform=None, nodata=None,

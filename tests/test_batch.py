@@ -134,6 +134,7 @@ def dask_processes(tmp_path: Path, n_workers: int = 2):
             p.wait()
 
 
+@pytest.mark.slow
 def test_real_scheduler_and_workers_survive_a_killed_worker(tmp_path, client, unet_checkpoint):  # noqa: ANN001
     paths = scenes_in(tmp_path / "in", shape=(320, 288))
     scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
@@ -194,6 +195,7 @@ def _geoseg(*args: str, **kwargs) -> subprocess.Popen:  # noqa: ANN003
                             text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_finished_chunks(tmp_path, unet_checkpoint):  # noqa: ANN001
     from geoseg.sample import make_sample
 
@@ -317,6 +319,7 @@ def test_each_scene_gets_a_stac_item_describing_its_outputs(tmp_path, client, fc
     assert item["links"][0] == {"rel": "derived_from", "href": source["href"], "type": "application/geo+json"}
 
 
+@pytest.mark.slow
 def test_nightly_script_runs_the_batch_with_a_log_per_night(tmp_path, fcn_checkpoint):  # noqa: ANN001
     root = Path(__file__).resolve().parents[1]
     scenes_in(tmp_path / "incoming" / "2026-11-22", n=2)

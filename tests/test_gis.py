@@ -46,6 +46,7 @@ def run(tmp_path_factory, fcn_checkpoint, sample_scene):
         return run_pipeline(cfg, client=client), sample_scene
 
 
+@pytest.mark.gis
 def test_class_names_and_attribute_table_travel_with_the_raster(run, tmp_path):
     result, _ = run
     tif = result.landcover
@@ -97,6 +98,7 @@ def test_geopackage_is_version_1_2_with_conformant_times_and_an_sld(run):
     assert len(rules) == 6
 
 
+@pytest.mark.gis
 def test_gdal_3_6_opens_the_geopackage_without_a_warning(run):
     result, _ = run
     done = subprocess.run([gdal_tool("ogrinfo"), "-so", "-al", result.outputs["vector"]], capture_output=True,
@@ -191,6 +193,7 @@ app.exitQgis()
 """
 
 
+@pytest.mark.gis
 def test_qgis_opens_both_outputs_without_their_sidecar_styles(run, tmp_path):
     """Headless PyQGIS (Debian's qgis + python3-qgis, QT_QPA_PLATFORM=offscreen), installed when missing."""
     from tests.debian import Unavailable, ensure

@@ -350,6 +350,7 @@ def test_tta_averages_the_logits_of_the_flips(fcn_checkpoint):  # noqa: ANN001
     assert np.allclose(pred.predict(x, batch_size=2, tta=True, threads=1), torch.softmax(logits, 1).numpy(), atol=1e-5)
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("scene,bands", [("nc-landsat7/scene.tif", 6), ("flair2/IMG_000473.tif", 5)],
                          ids=["landsat7-epsg32119", "flair2-epsg2154"])
 def test_real_imagery_keeps_its_grid(tmp_path, client, scene, bands):  # noqa: ANN001

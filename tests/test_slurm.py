@@ -25,6 +25,9 @@ from geoseg.batch import expand_scenes, run_batch
 from tests.conftest import pipeline_config
 from tests.test_batch import outputs_of, scenes_in
 
+#: The SLURM tier (docs/testing.md): python3 dev.py test --all runs it, the fast tier does not.
+pytestmark = pytest.mark.slurm
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = {"tile": {"size": 64, "overlap": 16}, "vectorize": {"enabled": False}, "write": {"stac_item": False}}
 

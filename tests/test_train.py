@@ -42,6 +42,7 @@ def _weights_equal(a, b) -> bool:  # noqa: ANN001
     return sa.keys() == sb.keys() and all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
 
 
+@pytest.mark.slow
 def test_training_learns_and_is_reproducible(train_yaml, tmp_path):  # noqa: ANN001
     cfg = train_yaml()
     first = train_model(cfg)
@@ -141,6 +142,7 @@ def test_scale_jitter_resamples_bands_bilinear_and_labels_nearest():
     assert ys[0, 0] == 1 and ys[-1, -1] == 4 and xs.dtype == np.float32
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(train_yaml, tmp_path, monkeypatch):  # noqa: ANN001
     import geoseg.train as train
 
