@@ -71,10 +71,11 @@ _KWARG_TYPES: dict[str, Any] = {
     "width": lambda v: _int(v) and v >= 1,
     "upsampling": lambda v: _int(v) and v >= 1,
     "decoder_attention_type": lambda v: v is None or v == "scse",
+    "encoder_output_stride": lambda v: v in (8, 16),
 }
 _KWARG_NAMES = {"encoder_depth": "an integer 1-5", "decoder_channels": "a positive integer or a list of them",
                 "depth": "a positive integer", "width": "a positive integer", "upsampling": "a positive integer",
-                "decoder_attention_type": "null or 'scse'"}
+                "decoder_attention_type": "null or 'scse'", "encoder_output_stride": "8 or 16"}
 
 
 class Band(BaseModel):
@@ -224,12 +225,30 @@ def create_model(architecture: str, encoder: str, in_channels: int, classes: int
         close = [e for e in encoders if e.split("_")[0] == encoder.split("_")[0]][:5] or encoders[:8]
         raise CheckpointError(f"unknown encoder {encoder!r}; e.g. {', '.join(close)} (or any timm model as 'tu-NAME')")
     cls = getattr(smp, ARCHITECTURES[key])
+    kwargs = {**_head_upsampling(key, kwargs), **kwargs}
     try:
         model = cls(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **kwargs)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{architecture}/{encoder}: {exc}") from None
     _check_output_size(model, f"{architecture}/{encoder}", in_channels)
     return model
+
+
+def _head_upsampling(key: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``upsampling`` for a head that upsamples by a fixed factor: the encoder's output stride, unless given.
+
+    smp's PSPNet and DeepLabV3 heads upsample by ``upsampling`` (default 8), right for their default encoders
+    only: PSPNet's encoder runs ``encoder_depth`` stages (stride ``2 ** depth``), DeepLabV3's is dilated to
+    ``encoder_output_stride``. Scaling the head to the encoder keeps the scores on the tile's grid pixel for
+    pixel; a crop or resize after the fact would hide a misalignment.
+    """
+    if "upsampling" in kwargs:
+        return {}
+    if key == "pspnet":
+        return {"upsampling": 2 ** int(kwargs.get("encoder_depth", 3))}
+    if key == "deeplabv3":
+        return {"upsampling": int(kwargs.get("encoder_output_stride", 8))}
+    return {}
 
 
 def _check_output_size(model: torch.nn.Module, name: str, in_channels: int) -> None:

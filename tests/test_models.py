@@ -17,9 +17,9 @@ from tests.conftest import make_checkpoint
 class ArchitectureContract:
     """What every registered architecture must do (smp's ``BaseModelTester`` is the model).
 
-    Build, run a tile of a size its output stride allows with the expected output shape, report that stride
-    in the checkpoint header as the built network has it, round-trip through a checkpoint unchanged, and run
-    tiled through the pipeline on its own grid.
+    Build for 1, 3, 4 and 6 bands and run a tile of a size its output stride allows with the expected output
+    shape, train one step, report that stride in the checkpoint header as the built network has it,
+    round-trip through a checkpoint unchanged, and run tiled through the pipeline on its own grid.
     """
 
     architecture = ""
@@ -30,12 +30,30 @@ class ArchitectureContract:
     min_side = 64
     """Smallest tile the network runs on (PAN's pyramid attention pools its deepest features 8x more)."""
 
-    def test_builds_and_gives_one_score_per_class_and_pixel(self):
-        model = create_model(self.architecture, self.encoder, 4, 6, **self.kwargs).eval()
+    @pytest.mark.parametrize("bands", [1, 3, 4, 6])
+    def test_builds_and_gives_one_score_per_class_and_pixel(self, bands):
+        model = create_model(self.architecture, self.encoder, bands, 6, **self.kwargs).eval()
         side = max(self.min_side, 2 * self.stride)
         with torch.inference_mode():
-            out = model(torch.randn(2, 4, side, side + self.stride))
+            out = model(torch.randn(2, bands, side, side + self.stride))
         assert out.shape == (2, 6, side, side + self.stride)
+
+    def test_trains_one_step(self):
+        torch.manual_seed(0)
+        model = create_model(self.architecture, self.encoder, 4, 6, **self.kwargs).train()
+        side = max(self.min_side, 2 * self.stride)
+        x, y = torch.randn(2, 4, side, side), torch.randint(0, 6, (2, side, side))
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+        # the gradient reaches the first layer (smp keeps encoder stages past encoder_depth unused), and the
+        # step moved the weights
+        params = list(model.parameters())
+        assert params[0].grad is not None and params[0].grad.abs().sum() > 0
+        assert any(not torch.equal(a, b) for a, b in zip(before, params))
 
     def test_output_stride_is_the_networks_own(self, tmp_path):
         model = create_model(self.architecture, self.encoder, 4, 6, **self.kwargs)
@@ -101,6 +119,46 @@ class TestFPN(ArchitectureContract):
     stride = 8
 
 
+class TestUnetSCSE(ArchitectureContract):
+    """Unet with scSE attention in its decoder blocks (Roy et al. 2018; smp's decoder_attention_type)."""
+
+    architecture = "unet"
+    kwargs = {"encoder_depth": 3, "decoder_channels": [32, 16, 16], "decoder_attention_type": "scse"}
+    stride = 8
+
+
+class TestUnetPlusPlusSCSE(ArchitectureContract):
+    architecture = "unetplusplus"
+    kwargs = {"encoder_depth": 3, "decoder_channels": [32, 16, 16], "decoder_attention_type": "scse"}
+    stride = 8
+
+
+class TestPSPNet(ArchitectureContract):
+    architecture = "pspnet"
+    kwargs = {"psp_out_channels": 32}
+    stride = 8  # encoder_depth 3, smp's default
+
+
+class TestPSPNetDeep(ArchitectureContract):
+    """All five encoder stages: the head upsamples 32x (smp's default 8 would leave the scores 4x too small)."""
+
+    architecture = "pspnet"
+    kwargs = {"encoder_depth": 5, "psp_out_channels": 32}
+    stride = 32
+
+
+class TestDeepLabV3(ArchitectureContract):
+    architecture = "deeplabv3"
+    kwargs = {"decoder_channels": 32}
+    stride = 8  # dilated to smp's default encoder_output_stride
+
+
+class TestDeepLabV3Stride16(ArchitectureContract):
+    architecture = "deeplabv3"
+    kwargs = {"decoder_channels": 32, "encoder_output_stride": 16}
+    stride = 16
+
+
 class TestDeepLabV3Plus(ArchitectureContract):
     architecture = "deeplabv3plus"
     kwargs = {"decoder_channels": 32}
@@ -143,6 +201,16 @@ class TestPixelFCN(ArchitectureContract):
     stride = 1
 
 
+def test_a_head_upsampling_that_misses_the_encoders_stride_is_refused_not_cropped(tmp_path):
+    # PSPNet with five encoder stages and smp's default upsampling of 8 gives scores 1/4 of the tile
+    with pytest.raises(CheckpointError, match="scores must cover the tile pixel for pixel"):
+        create_model("pspnet", "resnet18", 4, 6, encoder_depth=5, upsampling=8)
+    spec = read_model_spec(make_checkpoint(tmp_path / "m.safetensors", architecture="deeplabv3",
+                                           encoder="resnet18", arch_kwargs={"decoder_channels": 8}))
+    with pytest.raises(ValueError, match="encoder_output_stride: 32 is not 8 or 16"):
+        type(spec).model_validate({**spec.model_dump(), "arch_kwargs": {"encoder_output_stride": 32}})
+
+
 def test_a_network_whose_output_is_not_the_input_size_is_refused():
     with pytest.raises(CheckpointError, match=r"fpn/resnet18: gives 512 x 512 scores for a 128 x 128 tile; .* set upsampling: 2 \*\* \(d - 3\)"):
         create_model("fpn", "resnet18", 4, 6, encoder_depth=3)
@@ -167,7 +235,8 @@ def test_a_dilated_model_takes_tiles_of_its_real_stride(tmp_path, client, sample
 
 
 def test_registry_covers_the_required_architectures():
-    assert {"unet", "unetplusplus", "fpn", "deeplabv3plus", "segformer"} <= set(ARCHITECTURES)
+    assert {"unet", "unetplusplus", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "segformer", "manet"} \
+        <= set(ARCHITECTURES)
 
 
 def test_unknown_architecture_lists_choices():
