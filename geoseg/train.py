@@ -171,7 +171,16 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     weights = class_weights_from_counts(counts, cfg.loss.class_weights)
 
     model = create_model(cfg.model.architecture, cfg.model.encoder, len(cfg.bands), n_classes,
-                         **cfg.model.arch_kwargs).to(device)
+                         **cfg.model.arch_kwargs)
+    origin: dict[str, Any] = {}
+    if cfg.model.encoder_weights is not None:  # (a resumed run then restores its own weights over them)
+        from geoseg.transfer import load_encoder_weights
+
+        loaded = load_encoder_weights(model, cfg.model.encoder_weights)
+        log.info("encoder weights from %s (%s layout, %d tensors%s)", loaded.path, loaded.layout, loaded.loaded,
+                 f"; {', '.join(loaded.adapted)} adapted to {len(cfg.bands)} bands" if loaded.adapted else "")
+        origin["encoder_weights"] = loaded.describe()
+    model = model.to(device)
     spec = ModelSpec(
         architecture=cfg.model.architecture, encoder=cfg.model.encoder,
         bands=[{"index": b.index, "name": b.name} for b in cfg.bands], mean=mean, std=std,
@@ -276,6 +285,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
                 "precision": precision,
                 "data": data,
                 "config": dump_config(cfg),
+                **origin,
             }
             save_checkpoint(cfg.output, model, spec.model_copy(update={"provenance": provenance}))
         stopped_early = cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch < cfg.epochs

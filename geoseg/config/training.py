@@ -79,6 +79,16 @@ class ModelConfig(_Config):
     encoder: str = Field("resnet18", description="smp encoder name (no pretrained weights are downloaded).")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict,
                                         description="Extra smp keyword arguments, e.g. encoder_depth.")
+    encoder_weights: Path | None = Field(
+        None, description="Start the encoder from this local file (safetensors or torch weights): an smp encoder, "
+        "a torchvision/timm classifier or a geoseg checkpoint; the first convolution is adapted to the band count "
+        "(docs/training.md).",
+    )
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        return None if v is None else existing_file(v)
 
     @field_validator("architecture")
     @classmethod
