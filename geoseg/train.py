@@ -116,13 +116,37 @@ def _batch(sampler: WindowSampler, cfg: TrainConfig, norm, rng: np.random.Genera
     return np.stack(xs), np.stack(ys)
 
 
+def _param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group, or the encoder's at ``encoder_lr_factor`` of the learning rate and the rest's."""
+    if cfg.encoder_lr_factor == 1:
+        return [{"params": list(model.parameters()), "lr": cfg.lr}]
+    encoder = {id(p) for p in model.encoder.parameters()}
+    return [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.encoder_lr_factor},
+            {"params": [p for p in model.parameters() if id(p) not in encoder], "lr": cfg.lr}]
+
+
 def _schedule(opt, cfg: TrainConfig):  # noqa: ANN001, ANN202
     import torch
 
     total = cfg.epochs * cfg.steps_per_epoch
+    peaks = [g["lr"] for g in opt.param_groups]
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 0.01)
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks if len(peaks) > 1 else cfg.lr, total_steps=total,
+                                               pct_start=0.15)
+
+
+def _check_init(cfg: TrainConfig) -> None:
+    """``cfg.init`` is a checkpoint of the network ``cfg.model`` builds, else a one-line error saying what it is."""
+    from geoseg.models import read_model_spec
+
+    assert cfg.init is not None
+    spec = read_model_spec(cfg.init)
+    if (spec.architecture, spec.encoder, spec.arch_kwargs) != (cfg.model.architecture, cfg.model.encoder,
+                                                               dict(cfg.model.arch_kwargs)):
+        raise ConfigError(f"init: {cfg.init} is a {spec.architecture}/{spec.encoder} model with arch_kwargs "
+                          f"{spec.arch_kwargs}; set model.architecture, model.encoder and model.arch_kwargs to "
+                          "these to fine-tune it")
 
 
 def validate(model: Any, regions: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec, tiling: SegmentConfig,
@@ -170,9 +194,18 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     counts = class_counts(train, n_classes)
     weights = class_weights_from_counts(counts, cfg.loss.class_weights)
 
+    if cfg.init is not None:
+        _check_init(cfg)
     model = create_model(cfg.model.architecture, cfg.model.encoder, len(cfg.bands), n_classes,
                          **cfg.model.arch_kwargs)
     origin: dict[str, Any] = {}
+    if cfg.init is not None:  # (a resumed run then restores its own weights over them)
+        from geoseg.transfer import init_from_checkpoint
+
+        init = init_from_checkpoint(model, cfg.init, [b.name for b in cfg.bands], [c.id for c in cfg.classes])
+        log.info("fine-tuning %s: %d classes kept, %d new; bands kept: %s", cfg.init, len(init["classes_kept"]),
+                 len(init["classes_new"]), ", ".join(init["bands_kept"]) or "none")
+        origin["init"] = init
     if cfg.model.encoder_weights is not None:  # (a resumed run then restores its own weights over them)
         from geoseg.transfer import load_encoder_weights
 
@@ -195,7 +228,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     if cfg.tile_size % spec.output_stride:
         raise ConfigError(f"tile_size: {cfg.tile_size} is not divisible by the model's output stride "
                           f"{spec.output_stride}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg)
     loss_fn = create_loss(cfg.loss.name, IGNORE, weights, focal_gamma=cfg.loss.focal_gamma,
                           second_weight=cfg.loss.second_weight).to(device)
@@ -240,6 +273,13 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     stopped_early = False
     for epoch in range(start, cfg.epochs + 1):
         model.train()
+        if cfg.freeze_encoder_epochs:
+            encoder: Any = model.encoder
+            frozen = epoch <= cfg.freeze_encoder_epochs
+            for p in encoder.parameters():
+                p.requires_grad_(not frozen)
+            if frozen:
+                encoder.eval()  # its batch-norm statistics stay the ones it came with
         losses = []
         beat = time.monotonic()
         for step in range(1, cfg.steps_per_epoch + 1):

@@ -152,3 +152,64 @@ def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> EncoderLoa
                               f"{'; '.join(parts)}; check model.encoder matches the network the file came from")
     encoder.load_state_dict(state)
     return EncoderLoad(path, layout, len(state), tuple(adapted), dropped)
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path, bands: list[str],
+                         classes: list[int]) -> dict[str, Any]:
+    """Start ``model`` from the geoseg checkpoint at ``path`` for fine-tuning; return its provenance record.
+
+    The architecture, encoder and its keywords must be the checkpoint's. Every tensor of the same shape is
+    copied. For new ``classes`` (ids), the head keeps the rows of the classes both share and starts the new
+    ones fresh. For new ``bands`` (names), the first convolution keeps the filter of each band the
+    checkpoint knows by name and starts the others at zero (the model first ignores them, then learns
+    them); with no band name in common, smp's rule of :func:`adapt_first_conv` applies.
+    """
+    import torch
+
+    from geoseg._io import file_digest
+    from geoseg.models import load_checkpoint
+
+    path = Path(path)
+    spec, state = load_checkpoint(path)
+    assert state is not None
+    target = model.state_dict()
+    old_ids = list(spec.classes.ids)
+    shared = [(classes.index(c), old_ids.index(c)) for c in classes if c in old_ids]
+    first_conv = next((k for k, v in target.items() if v.ndim == 4), None)
+    old_bands = spec.band_names
+    out: dict[str, torch.Tensor] = {}
+    head: list[str] = []
+    adapted: list[str] = []
+    # The head: smp's segmentation_head, or the fcn's last convolution (weight and bias).
+    head_keys = [k for k in target if k.startswith("segmentation_head.")] or list(target)[-2:]
+    for key, want in target.items():
+        have = state.get(key)
+        if have is None:
+            raise CheckpointError(f"init: {path}: has no tensor {key}; is it the same architecture and encoder?")
+        if key in head_keys and old_ids != classes and want.ndim and want.shape[0] == len(classes) \
+                and have.shape[0] == len(old_ids) and have.shape[1:] == want.shape[1:]:
+            new = want.clone()  # the new classes' rows keep the fresh initialisation
+            for i, j in shared:
+                new[i] = have[j]
+            out[key] = new
+            head.append(key)
+        elif key == first_conv and old_bands != bands and have.shape[0] == want.shape[0] \
+                and have.shape[2:] == want.shape[2:]:
+            common = [(i, old_bands.index(b)) for i, b in enumerate(bands) if b in old_bands]
+            if common:
+                new = torch.zeros_like(want)
+                for i, j in common:
+                    new[:, i] = have[:, j]
+            else:
+                new = adapt_first_conv(have, want.shape[1])
+            out[key] = new
+            adapted.append(key)
+        elif have.shape == want.shape:
+            out[key] = have
+        else:
+            raise CheckpointError(f"init: {path}: {key} is {tuple(have.shape)}, this model's {tuple(want.shape)}; "
+                                  "fine-tuning needs the checkpoint's architecture, encoder and arch_kwargs")
+    model.load_state_dict(out)
+    return {"path": str(path), "sha256": file_digest(path), "classes_kept": [classes[i] for i, _ in shared],
+            "classes_new": [c for c in classes if c not in old_ids], "head_tensors": head, "adapted": adapted,
+            "bands_kept": [b for b in bands if b in old_bands]}

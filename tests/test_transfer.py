@@ -145,3 +145,82 @@ def test_training_starts_from_the_file_and_records_it(tmp_path, sample_scene):
     assert record["path"] == str(weights) and record["layout"] == "smp encoder" and len(record["sha256"]) == 64
     # one step at a learning rate of 1e-9: the convolutions are still the file's
     assert torch.allclose(state["encoder.layer1.0.conv1.weight"], source.encoder.layer1[0].conv1.weight, atol=1e-6)
+
+
+def train_config(tmp_path, sample_scene, **extra):  # noqa: ANN001, ANN003, ANN201
+    import yaml
+
+    from geoseg.config import TrainConfig, load_config
+    from geoseg.sample import BANDS, CLASSES
+
+    data = {
+        "output": str(tmp_path / "tuned.safetensors"),
+        "model": {"architecture": "unet", "encoder": "resnet18", "arch_kwargs": UNET},
+        "bands": [{"index": i + 1, "name": b} for i, b in enumerate(BANDS)],
+        "classes": [{**c, "codes": [c["id"]]} for c in CLASSES],
+        "ignore_codes": [0],
+        "train": [{"image": str(sample_scene.image), "labels": str(sample_scene.labels)}],
+        "validation": {"window": {"row_off": 200, "height": 100}},
+        "tile_size": 64, "batch_size": 4, "epochs": 1, "steps_per_epoch": 2, "lr": 0.01, "seed": 3, "threads": 2,
+        **extra,
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(path, model=TrainConfig)
+
+
+def test_init_keeps_shared_classes_and_bands_and_starts_new_ones_fresh(tmp_path):
+    from geoseg.transfer import init_from_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", architecture="unet", encoder="resnet18", arch_kwargs=UNET)
+    spec, old = load_checkpoint(ckpt)
+    torch.manual_seed(7)
+    model = create_model("unet", "resnet18", 4, 6, **UNET)  # bands: green, red, nir and a new swir; class 6 -> 99
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    record = init_from_checkpoint(model, ckpt, ["green", "red", "nir", "swir"], [1, 2, 3, 4, 5, 99])
+    new = model.state_dict()
+    assert record["classes_kept"] == [1, 2, 3, 4, 5] and record["classes_new"] == [99]
+    assert record["bands_kept"] == ["green", "red", "nir"] and record["adapted"] == ["encoder.conv1.weight"]
+    conv, was = new["encoder.conv1.weight"], old["encoder.conv1.weight"]
+    assert torch.equal(conv[:, :3], was[:, 1:4]) and not conv[:, 3].any()  # matched by name; swir starts at 0
+    head = "segmentation_head.0.weight"
+    assert torch.equal(new[head][:5], old[head][:5]) and torch.equal(new[head][5], fresh[head][5])
+    same = [k for k in new if k not in (head, "segmentation_head.0.bias", "encoder.conv1.weight")]
+    assert all(torch.equal(new[k], old[k]) for k in same)
+
+
+def test_init_from_another_network_is_a_one_line_error(tmp_path, sample_scene):
+    from geoseg.errors import ConfigError
+    from geoseg.train import train_model
+
+    ckpt = make_checkpoint(tmp_path / "fcn.safetensors")
+    _, cfg = train_config(tmp_path, sample_scene, init=str(ckpt))
+    with pytest.raises(ConfigError, match=r"init: .*fcn.safetensors is a fcn/none model .*set model.architecture"):
+        train_model(cfg)
+
+
+def test_geoseg_train_init_fine_tunes_with_the_encoder_frozen_first(tmp_path, sample_scene):
+    from geoseg.cli.main import main
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", architecture="unet", encoder="resnet18", arch_kwargs=UNET)
+    _, old = load_checkpoint(ckpt)
+    path, _ = train_config(tmp_path, sample_scene, freeze_encoder_epochs=1)
+    assert main(["train", str(path), "--init", str(ckpt)]) == 0
+    spec, new = load_checkpoint(tmp_path / "tuned.safetensors")
+    assert spec.provenance["init"]["path"] == str(ckpt) and spec.provenance["init"]["classes_new"] == []
+    encoder = [k for k in new if k.startswith("encoder.")]
+    assert all(torch.equal(new[k], old[k]) for k in encoder)  # weights and batch-norm statistics
+    assert not all(torch.equal(new[k], old[k]) for k in new if k.startswith("decoder."))
+
+
+def test_a_lower_encoder_learning_rate_is_its_own_parameter_group(tmp_path, sample_scene):
+    from geoseg.train import _param_groups, _schedule
+
+    _, cfg = train_config(tmp_path, sample_scene, encoder_lr_factor=0.1)
+    model = unet(4, seed=0)
+    groups = _param_groups(model, cfg)
+    assert [g["lr"] for g in groups] == [pytest.approx(0.001), 0.01]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    _schedule(opt, cfg)
+    assert [g["max_lr"] for g in opt.param_groups] == [pytest.approx(0.001), 0.01]

@@ -15,12 +15,19 @@ from geoseg.cli.options import config_argument, overwrite_option, set_option, ve
 @overwrite_option
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Override the number of epochs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its training state (same config).")
+@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
+              help="Fine-tune this geoseg checkpoint: new classes get new head rows, new bands new first filters.")
 @verbosity
-def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None, resume: bool) -> None:
+def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None, resume: bool,
+            init: str | None) -> None:
     """Train an smp model on scenes and label rasters; keep the best checkpoint by validation mIoU."""
+    from pathlib import Path
+
     from geoseg.config import TrainConfig, load_config
     from geoseg.train import train_model
 
+    if init:  # a path on the command line is relative to where it is typed, not to the config
+        overrides = (*overrides, f"init={Path(init).absolute()}")
     if overwrite:
         overrides = (*overrides, "overwrite=true")
     if epochs:

@@ -173,6 +173,19 @@ class TrainConfig(_Config):
     )
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+    init: Path | None = Field(
+        None, description="Fine-tune this geoseg checkpoint (geoseg train --init): same architecture and encoder; "
+        "a new head row for each new class, first-layer filters matched to the bands by name (docs/training.md).",
+    )
+    freeze_encoder_epochs: int = Field(0, ge=0, description="Train only the decoder and head for this many first "
+                                       "epochs (encoder weights and batch-norm statistics frozen).")
+    encoder_lr_factor: float = Field(1.0, gt=0, le=1, description="The encoder's learning rate as a fraction of lr "
+                                     "(e.g. 0.1 when it starts from weights you brought).")
+
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, v: Path | None) -> Path | None:
+        return None if v is None else existing_file(v)
 
 
     @model_validator(mode="after")
@@ -187,6 +200,10 @@ class TrainConfig(_Config):
             raise ValueError("a label code is both mapped to a class and ignored")
         if not self.validation.scenes and self.validation.window is None:
             raise ValueError("validation: needs scenes or a window (a held-out area, never random pixels)")
+        if self.model.architecture == "fcn" and (self.freeze_encoder_epochs or self.encoder_lr_factor != 1):
+            raise ValueError("freeze_encoder_epochs / encoder_lr_factor: the fcn has no encoder")
+        if self.model.architecture == "fcn" and self.model.encoder_weights is not None:
+            raise ValueError("model.encoder_weights: the fcn has no encoder")
         weights = self.loss.class_weights
         if isinstance(weights, list) and len(weights) != len(self.classes):
             raise ValueError(f"loss.class_weights: {len(weights)} weights for {len(self.classes)} classes")
