@@ -132,6 +132,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
+    domain: dict[str, Any] | None = None
+    """The domain guard's report (:mod:`geoseg.domain`): the input's sampled statistics and any warnings."""
 
     @property
     def landcover(self) -> Path:
@@ -232,13 +234,16 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
             result.outputs = {k: str(out_dir / Path(v).name) for k, v in result.outputs.items()}
             if result.metrics is not None:
                 manifest["metrics"] = result.metrics
+            if result.domain is not None:
+                manifest["domain"] = result.domain
             if cfg.write.stac_item:
                 from geoseg.stac import stac_item
                 from geoseg.write import confidence_scale
 
                 item = stac_item(item_id or cfg.input.stem, raster, result.outputs, spec.classes, cfg.write.nodata,
                                  metrics=result.metrics, source=source, staged=staged, when=cfg.write.datetime,
-                                 confidence_scale=confidence_scale(cfg.write.confidence))
+                                 confidence_scale=confidence_scale(cfg.write.confidence),
+                                 domain_warnings=(result.domain or {}).get("warnings"))
                 write_text_atomic(staged / STAC_ITEM, json.dumps(item, indent=2) + "\n")
                 result.outputs["stac_item"] = str(out_dir / STAC_ITEM)
             if input_identity(cfg.input) != identity:
@@ -353,6 +358,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     timings, out_dir = result.timings, cfg.output_dir
     with _timed(timings, "read"):
         raster = read_raster(cfg.input, cfg.read, spec)
+        result.domain = _domain_guard(cfg, raster, spec)
     if cfg.evaluate.reference is not None:
         from geoseg.evaluate import check_reference
 
@@ -437,6 +443,24 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                 result.outputs.update(write_reports(metrics, staged))
             result.metrics = metrics.summary()
     return raster
+
+
+def _domain_guard(cfg: PipelineConfig, raster: Raster, spec: ModelSpec) -> dict[str, Any]:
+    """Warn once (or refuse, with ``read.strict``) when the input is unlike the model's training data."""
+    import rasterio
+
+    from geoseg.domain import check_domain
+
+    with rasterio.open(raster.path) as src:
+        report = check_domain(raster, spec, src, explicit_bands=cfg.read.bands is not None)
+    if report.warnings:
+        what = "; ".join(report.warnings)
+        if cfg.read.strict:
+            raise InputError(f"{cfg.input}: unlike the data the model was trained on: {what}; the map would not "
+                             "be trustworthy (read.strict: false to run anyway)")
+        log.warning("%s: unlike the data the model was trained on: %s; check the map before using it "
+                    "(read.strict: true refuses such input)", cfg.input, what)
+    return report.to_dict()
 
 
 def _timestamp(path: Path) -> datetime:

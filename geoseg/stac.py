@@ -130,7 +130,8 @@ def acquisition_time(path: Path) -> str | None:
 
 def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: ClassMap, nodata: int, *,
               metrics: dict | None = None, source: dict | None = None, staged: Path | None = None,
-              when: str | None = None, confidence_scale: float | None = None) -> dict[str, Any]:
+              when: str | None = None, confidence_scale: float | None = None,
+              domain_warnings: list[str] | None = None) -> dict[str, Any]:
     """A STAC Item for one scene's outputs (``outputs``: asset key -> path inside the scene's folder).
 
     ``staged``: where the outputs are while the item is written (their folder by default).
@@ -159,6 +160,8 @@ def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: Cl
         "proj:shape": [grid.height, grid.width], "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
         "processing:software": {"geoseg": __version__}, "processing:lineage": "land-cover segmentation",
     }
+    if domain_warnings:
+        props["geoseg:domain_warnings"] = list(domain_warnings)
     if metrics:
         props["geoseg:metrics"] = {k: metrics[k] for k in ("mean_iou", "overall_accuracy", "kappa") if k in metrics}
     assets: dict[str, dict] = {}

@@ -167,8 +167,10 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     With ``resume``, continue from the training state of an earlier run of the same config (written after
     every epoch); the result is the one the uninterrupted run would have given.
     """
+    import rasterio
     import torch
 
+    from geoseg.domain import training_data_stats
     from geoseg.losses import class_weights_from_counts, create_loss
     from geoseg.models import create_model, output_stride, save_checkpoint
     from geoseg.progress import progress_bar
@@ -188,6 +190,9 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
 
     train, val = load_regions(cfg)
     mean, std = band_stats(train)
+    with rasterio.open(cfg.train[0].image) as src:
+        dtype = src.dtypes[0]
+    origin: dict[str, Any] = {"training_data": training_data_stats(train, dtype)}  # for the domain guard
     m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
     norm = lambda img: (img - m) / s  # noqa: E731
     n_classes = len(cfg.classes)
@@ -198,7 +203,6 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         _check_init(cfg)
     model = create_model(cfg.model.architecture, cfg.model.encoder, len(cfg.bands), n_classes,
                          **cfg.model.arch_kwargs)
-    origin: dict[str, Any] = {}
     if cfg.init is not None:  # (a resumed run then restores its own weights over them)
         from geoseg.transfer import init_from_checkpoint
 

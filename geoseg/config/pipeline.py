@@ -28,6 +28,10 @@ class ReadConfig(_Config):
         "refuse", description="Inputs whose bands carry scale/offset metadata: 'apply' feeds the model "
         "value x scale + offset, 'ignore' the stored values (what geoseg train reads); 'refuse' says so and stops.",
     )
+    strict: bool = Field(
+        False, description="Refuse an input unlike the model's training data (another dtype, values 10x off, band "
+        "means many training deviations away, bands picked by index); by default a warning, kept in run.json.",
+    )
 
     @field_validator("bands")
     @classmethod
