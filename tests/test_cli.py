@@ -37,6 +37,14 @@ def test_every_command_has_help(command, capsys):  # noqa: ANN001
     assert "Usage: geoseg " + command in capsys.readouterr().out
 
 
+def test_train_help_lists_the_architectures_and_encoders(capsys):  # noqa: ANN001
+    from geoseg.registry import ARCHITECTURES
+
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(a in out for a in ARCHITECTURES) and "tu-NAME" in out and "--init" in out
+
+
 def test_usage_error_exit_code(capsys):  # noqa: ANN001
     assert main(["run"]) == 2
     assert "Missing argument" in capsys.readouterr().err

@@ -9,7 +9,15 @@ import click
 from geoseg.cli.options import config_argument, overwrite_option, set_option, verbosity
 
 
-@click.command("train")
+def _epilog() -> str:
+    from geoseg.registry import ARCHITECTURES
+
+    return ("Architectures (model.architecture): " + ", ".join(ARCHITECTURES) + ".\n\nEncoders (model.encoder): any "
+            "of smp's (resnet18/34/50, efficientnet-b0..b7, mobilenet_v2, mit_b0..b5, ...) or a timm model as "
+            "tu-NAME; model.encoder_weights: PATH starts it from a file (docs/training.md).")
+
+
+@click.command("train", epilog=_epilog())
 @config_argument
 @set_option
 @overwrite_option
