@@ -75,9 +75,16 @@ def sample_windows(height: int, width: int, per_side: int = GRID, side: int = SI
 
 def input_stats(raster: Raster, src: rasterio.DatasetReader) -> dict[str, Any]:
     """Per-band mean, standard deviation, min and max of the valid pixels of :func:`sample_windows`."""
+    from rasterio.errors import RasterioError
+
+    from geoseg.read import unreadable
+
     chunks = []
     for window in sample_windows(raster.height, raster.width):
-        data, valid = raster.read(src, window)
+        try:
+            data, valid = raster.read(src, window)
+        except RasterioError as exc:
+            raise unreadable(raster.path, window, exc) from None
         chunks.append(data[:, valid].astype(np.float64))
     px = np.concatenate(chunks, axis=1) if chunks else np.zeros((len(raster.bands), 0))
     out: dict[str, Any] = {"dtype": raster.store_dtype, "pixels": int(px.shape[1])}

@@ -98,6 +98,14 @@ def _check_vrt_sources(path: Path) -> None:
                              "the VRT (gdalbuildvrt)")
 
 
+def unreadable(path: Path, window: Window, exc: Exception) -> InputError:
+    """The one-line error for pixels that cannot be read: a valid header over broken or missing tiles."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    (r0, r1), (c0, c1) = window.toranges()
+    return InputError(f"{path}: cannot read pixels in rows {int(r0)}-{int(r1)}, columns {int(c0)}-{int(c1)}: file "
+                      f"corrupt or truncated? ({detail})")
+
+
 def read_raster(path: Path, cfg: ReadConfig, model: ModelSpec) -> Raster:
     """Validate the input raster against the config and the model; return its :class:`Raster`."""
     with open_raster(path) as src:

@@ -17,9 +17,8 @@ import zarr
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from geoseg.errors import InputError
 from geoseg.grid import TileGrid, pad_to
-from geoseg.read import Raster, open_raster
+from geoseg.read import Raster, open_raster, unreadable
 
 
 def zarr_array(path: str | Path, name: str, mode: str = "r") -> zarr.Array:
@@ -95,10 +94,7 @@ def write_chunk(raster: Raster, path: str, grid: TileGrid, i: int, j: int) -> in
             data, valid = raster.read(src, window)
     except RasterioError as exc:
         # A valid header over broken or missing tiles only shows when the pixels are read.
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{raster.path}: cannot read pixels in rows {int(window.row_off)}-"
-                         f"{int(window.row_off + window.height)}, columns {int(window.col_off)}-"
-                         f"{int(window.col_off + window.width)}: file corrupt or truncated? ({detail})") from None
+        raise unreadable(raster.path, window, exc) from None
     rows, cols = window.toslices()
     zarr_array(path, "image", "r+")[:, rows, cols] = np.where(valid, data, 0).astype(data.dtype, copy=False)
     zarr_array(path, "valid", "r+")[rows, cols] = valid
