@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from geoseg._io import atomic_path
 from geoseg.classes import ClassMap
 from geoseg.errors import CheckpointError
-from geoseg.registry import ARCHITECTURES, check_architecture
+from geoseg.registry import check_architecture
 
 if TYPE_CHECKING:
     import torch
@@ -224,10 +224,10 @@ def create_model(architecture: str, encoder: str, in_channels: int, classes: int
     if encoder not in encoders and not encoder.startswith("tu-"):
         close = [e for e in encoders if e.split("_")[0] == encoder.split("_")[0]][:5] or encoders[:8]
         raise CheckpointError(f"unknown encoder {encoder!r}; e.g. {', '.join(close)} (or any timm model as 'tu-NAME')")
-    cls = getattr(smp, ARCHITECTURES[key])
     kwargs = {**_head_upsampling(key, kwargs), **kwargs}
-    try:
-        model = cls(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **kwargs)
+    try:  # the registry's keys are smp's own architecture names
+        model = smp.create_model(key, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+                                 classes=classes, **kwargs)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{architecture}/{encoder}: {exc}") from None
     _check_output_size(model, f"{architecture}/{encoder}", in_channels)

@@ -6,7 +6,7 @@ builds the networks from it.
 
 from __future__ import annotations
 
-#: Registry name -> smp class name (smp's own lower-case architecture keys); ``fcn`` is geoseg's own: a
+#: Registry name (smp's own ``create_model`` key) -> smp class name; ``fcn`` is geoseg's own: a
 #: full-resolution stack of 3x3 convolutions (no encoder, output stride 1), not the classic FCN of Long et
 #: al. / torchvision's ``fcn_resnet50`` (a backbone, a 1x1 head and bilinear upsampling), which ``pspnet``
 #: or ``deeplabv3`` with their own heads supersede (docs/training.md).

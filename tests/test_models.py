@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from geoseg.errors import CheckpointError
-from geoseg.models import ARCHITECTURES, build_model, create_model, load_checkpoint, output_stride, read_model_spec
+from geoseg.models import build_model, create_model, load_checkpoint, output_stride, read_model_spec
+from geoseg.registry import ARCHITECTURES
 from tests.conftest import make_checkpoint
 
 
