@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -299,10 +300,9 @@ def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
         finally:
             client.cancel([f for f in futures if not f.done()])
         return
-    from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import as_completed as finishing
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with local_pool() as pool:
         pending = [pool.submit(t.compute, scheduler="sync") for t in tasks]
         try:
             for fut in finishing(pending):
@@ -337,6 +337,15 @@ def completed(client: Client, futures: list) -> Iterator[Any]:
             ac.thread_condition.wait(timeout=0.2)
 
 
+#: Threads of the local pool that runs tasks when no Dask client is given (the reference machine's cores).
+LOCAL_THREADS = 2
+
+
+def local_pool() -> ThreadPoolExecutor:
+    """The pool that runs a stage's tasks without a cluster: the one fallback of every stage."""
+    return ThreadPoolExecutor(max_workers=LOCAL_THREADS, thread_name_prefix="geoseg-local")
+
+
 def map_in_order(task_groups: list[list], client: Client | None = None, lookahead: int = 2) -> Iterator[list]:
     """Compute groups of Dask ``tasks`` and yield each group's results in order, ``lookahead`` groups ahead.
 
@@ -358,9 +367,7 @@ def map_in_order(task_groups: list[list], client: Client | None = None, lookahea
                 fut.release()
             return results
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=2)
+        pool = local_pool()
 
         def submit(k: int):  # noqa: ANN202
             return [pool.submit(t.compute, scheduler="sync") for t in task_groups[k]]

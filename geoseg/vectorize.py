@@ -446,11 +446,9 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
     The batches come in a fixed order (block rows, then each row's merged polygons one row later, in the
     order they were grouped), whatever the timing or the number of workers.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import dask
 
-    from geoseg.cluster import map_in_order
+    from geoseg.cluster import local_pool, map_in_order
 
     min_area = min_area_pixels(cfg, grid) if min_area is None else min_area
     sieve_halo(min_area, cfg.block)  # refused here, before any task runs
@@ -459,7 +457,7 @@ def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min
              for row in rows]
     merger = RowMerger(cfg.connectivity, grid.height)
     unions: deque = deque()  # per row that completed groups: [(future of union_groups, group indexes)]
-    local = ThreadPoolExecutor(max_workers=2) if client is None else None
+    local = local_pool() if client is None else None
     parts = 2 if client is None else max(1, sum(client.nthreads().values()))
 
     def submit_union(groups: list) -> None:
