@@ -38,9 +38,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import batch, evaluate, export, run, sample, train, vectorize, worker
+    from geoseg.cli import batch, evaluate, export, pretrain, run, sample, train, vectorize, worker
 
-    for module in (run, batch, train, evaluate, vectorize, export, sample, worker):
+    for module in (run, batch, train, pretrain, evaluate, vectorize, export, sample, worker):
         cli.add_command(module.command)
 
 

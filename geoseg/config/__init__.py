@@ -4,7 +4,7 @@ A leaf package: it imports no runtime module of geoseg (only :mod:`geoseg.errors
 :mod:`geoseg.classes` and :mod:`geoseg.registry`), so every stage can import its config without cycles.
 
 - :mod:`.pipeline`: one ``<Stage>Config`` per stage and the ``PipelineConfig`` that holds them
-- :mod:`.training`: ``TrainConfig`` and its sections
+- :mod:`.training`: ``TrainConfig``, ``PretrainConfig`` and their sections
 - :mod:`.loader`: YAML (safe, bounded), ``extends`` presets, ``--set`` overrides, one-line errors
 - :mod:`.docs`: the generated reference, docs/config.md
 """
@@ -31,18 +31,22 @@ from geoseg.config.training import (
     BandConfig,
     ClassConfig,
     LossConfig,
+    MaskConfig,
     ModelConfig,
+    PretrainConfig,
     SamplingConfig,
     SceneConfig,
     TrainConfig,
+    UnlabelledSceneConfig,
     ValidationConfig,
     WindowConfig,
 )
 
 __all__ = [
     "AugmentConfig", "BandConfig", "BatchConfig", "ClassConfig", "ClusterConfig", "EvaluateConfig", "InferConfig",
-    "JobqueueConfig", "LossConfig", "ModelConfig", "PipelineConfig", "ReadConfig", "SamplingConfig", "SceneConfig",
-    "SegmentConfig", "StitchConfig", "TLSConfig", "TileConfig", "TrainConfig", "ValidationConfig",
-    "VectorizeConfig", "WindowConfig", "WriteConfig", "config_reference_markdown", "dump_config", "load_config",
-    "parse_overrides", "read_config_tree", "read_yaml", "validate",
+    "JobqueueConfig", "LossConfig", "MaskConfig", "ModelConfig", "PipelineConfig", "PretrainConfig", "ReadConfig",
+    "SamplingConfig", "SceneConfig", "SegmentConfig", "StitchConfig", "TLSConfig", "TileConfig", "TrainConfig",
+    "UnlabelledSceneConfig", "ValidationConfig", "VectorizeConfig", "WindowConfig", "WriteConfig",
+    "config_reference_markdown", "dump_config", "load_config", "parse_overrides", "read_config_tree", "read_yaml",
+    "validate",
 ]

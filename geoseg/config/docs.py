@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from geoseg.config.pipeline import PipelineConfig
-from geoseg.config.training import TrainConfig
+from geoseg.config.training import PretrainConfig, TrainConfig
 
 
 def _type_name(annotation: Any) -> str:
@@ -53,7 +53,8 @@ def config_reference_markdown() -> str:
         "`configs/legend-sample.yaml`) are merged first, then the file's own keys on top.",
         "",
     ]
-    sections = (("Pipeline (`geoseg run`, `geoseg batch`)", PipelineConfig), ("Training (`geoseg train`)", TrainConfig))
+    sections = (("Pipeline (`geoseg run`, `geoseg batch`)", PipelineConfig), ("Training (`geoseg train`)", TrainConfig),
+                ("Pretraining (`geoseg pretrain`)", PretrainConfig))
     for title, model in sections:
         lines += [f"## {title}", "", "| key | type | default | description |", "| --- | --- | --- | --- |"]
         for key, typ, default, desc in _walk(model, ""):

@@ -208,3 +208,54 @@ class TrainConfig(_Config):
         if isinstance(weights, list) and len(weights) != len(self.classes):
             raise ValueError(f"loss.class_weights: {len(weights)} weights for {len(self.classes)} classes")
         return self
+
+
+class UnlabelledSceneConfig(_Config):
+    """An image to pretrain on: no labels needed."""
+
+    image: Path
+    window: WindowConfig | None = Field(None, description="Only this area of the image (e.g. the training rows, "
+                                        "to keep a validation area unseen); default: the whole image.")
+
+    @field_validator("image")
+    @classmethod
+    def _must_exist(cls, v: Path) -> Path:
+        return existing_file(v)
+
+
+class MaskConfig(_Config):
+    """Masked-image modelling: which part of each window the encoder must reconstruct."""
+
+    patch: int = Field(8, gt=0, description="Side of the square patches that are masked, in pixels.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of the patches masked in each window.")
+
+
+class PretrainConfig(_Config):
+    """A `geoseg pretrain` run: self-supervised pretraining of an encoder on unlabelled scenes."""
+
+    output: Path = Field(description="Encoder file to write (.safetensors), for model.encoder_weights.")
+    overwrite: bool = False
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The network pretrained: its encoder is "
+                               "what is written, so use the architecture, encoder and arch_kwargs you fine-tune.")
+    bands: list[BandConfig] = Field(min_length=1)
+    scenes: list[UnlabelledSceneConfig] = Field(min_length=1)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    tile_size: int = Field(64, gt=0, description="Window side in pixels.")
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW (one-cycle schedule).")
+    weight_decay: float = Field(0.05, ge=0)
+    min_valid: float = Field(0.5, gt=0, le=1, description="Least fraction of valid (not nodata) pixels in a window.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.model.architecture == "fcn":
+            raise ValueError("model.architecture: the fcn has no encoder to pretrain")
+        if self.mask.patch > self.tile_size:
+            raise ValueError(f"mask.patch: {self.mask.patch} px patches do not fit {self.tile_size} px windows")
+        return self
