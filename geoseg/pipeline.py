@@ -171,7 +171,8 @@ def check_paths(cfg: PipelineConfig) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress: bool | None = None,
-                 item_id: str | None = None, source: dict | None = None, fresh: bool | None = None) -> RunResult:
+                 item_id: str | None = None, source: dict | None = None, fresh: bool | None = None,
+                 spec: ModelSpec | None = None) -> RunResult:
     """Run one scene through every stage, as a transaction: all outputs appear in ``cfg.output_dir``, or none.
 
     The folder is locked for the run; outputs are staged and published together at the end, ``run.json``
@@ -179,6 +180,8 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
     work for the next run to resume (``fresh``, default ``cfg.overwrite``: start from scratch instead).
     ``client``: an existing ``distributed.Client`` to use instead of the one ``cfg.cluster`` describes.
     ``item_id`` and ``source`` name the scene's STAC Item and the item it came from (``geoseg batch``).
+    ``spec``: the model's header where the caller has read it and checked it against ``cfg``
+    (:func:`check_model_fits`); else it is read and checked here. Either way it is read once per run.
     """
     from geoseg.fingerprint import input_identity
     from geoseg.transaction import FolderLock, Stage
@@ -186,8 +189,9 @@ def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress:
     if cfg.input is None:
         raise ConfigError("input: required key is missing (or run many scenes with geoseg batch --scenes)")
     out_dir = cfg.output_dir
-    spec = read_model_spec(cfg.model)
-    check_model_fits(cfg, spec, "config")
+    if spec is None:
+        spec = read_model_spec(cfg.model)
+        check_model_fits(cfg, spec, "config")
     check_paths(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +397,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         kept = staged / "tiles.zarr" if cfg.write.keep_tiles else None
         # The scratch folder outlives the segmentation: a run stopped in a later stage resumes from it.
         blocks = segment_scene(raster, cfg.segment, client, out_dir / WORK_DIR, stats=stats, scores=scores,
-                               keep_tiles=kept, progress=progress, cleanup=False)
+                               keep_tiles=kept, progress=progress, cleanup=False, spec=spec)
         with _timed(timings, "tile_infer_stitch"):
             for block in blocks:
                 writers[0].write(block.window, block.labels)

@@ -14,7 +14,7 @@ import yaml
 from geoseg import __version__
 from geoseg.cli.main import main
 
-COMMANDS = ["run", "batch", "train", "evaluate", "vectorize", "export", "sample"]
+COMMANDS = ["run", "batch", "train", "pretrain", "evaluate", "vectorize", "export", "sample"]
 
 
 def geoseg(*args: str, cwd=None) -> subprocess.CompletedProcess:  # noqa: ANN001

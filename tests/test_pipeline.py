@@ -368,3 +368,26 @@ def test_real_imagery_keeps_its_grid(tmp_path, client, scene, bands):  # noqa: A
         assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
         labels = out.read(1)
     assert (labels != 255).mean() > 0.95 and set(np.unique(labels)) <= {1, 2, 3, 4, 5, 6, 255}
+
+
+def test_the_model_header_is_read_once_per_run(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001
+    import geoseg.models
+    from geoseg.models import read_model_spec
+
+    headers = []
+    load = geoseg.models.load_checkpoint
+
+    def counted(path, weights=True):  # noqa: ANN001, ANN202
+        if not weights:
+            headers.append(path)
+        return load(path, weights)
+
+    monkeypatch.setattr(geoseg.models, "load_checkpoint", counted)
+    src_path, _ = random_scene(tmp_path, (70, 90))
+    cfg = pipeline_config(src_path, fcn_checkpoint, tmp_path / "a", tile={"size": 32, "overlap": 8})
+    run_pipeline(cfg, client=client)
+    assert len(headers) == 1
+    spec = read_model_spec(fcn_checkpoint)  # what geoseg run does: read and check once, then hand it on
+    headers.clear()
+    run_pipeline(cfg.model_copy(update={"output_dir": tmp_path / "b"}), client=client, spec=spec)
+    assert headers == []

@@ -70,10 +70,11 @@ def command(source: str, output_dir: str | None, model: str | None, config: str 
     SOURCE is a raster (the shipped default pipeline runs on it; give --model) or a pipeline YAML. Every
     config key stays reachable with --set KEY=VALUE.
     """
-    from geoseg.config import PipelineConfig, read_config_tree, validate
+    from geoseg.config import PipelineConfig, load_config, read_config_tree, validate
     from geoseg.config.defaults import DEFAULT_PIPELINE
     from geoseg.config.loader import _set_dotted, parse_overrides
-    from geoseg.pipeline import check_model_fits, load_pipeline, run_pipeline
+    from geoseg.models import read_model_spec
+    from geoseg.pipeline import check_model_fits, run_pipeline
 
     path = Path(source)
     extra = _cli_overrides(output_dir, model, co) + (["overwrite=true"] if overwrite else [])
@@ -81,7 +82,8 @@ def command(source: str, output_dir: str | None, model: str | None, config: str 
         if config:
             raise ConfigError(f"--config {config}: SOURCE {path.name} is a pipeline already; give a raster as SOURCE "
                               "to run it with --config's settings")
-        cfg = load_pipeline(path, [*overrides, *extra])
+        cfg: PipelineConfig = load_config(path, [*overrides, *extra])
+        where = path.name
     else:
         data: dict[str, Any]
         if config:
@@ -100,11 +102,11 @@ def command(source: str, output_dir: str | None, model: str | None, config: str 
         if "model" not in data:
             raise ConfigError(f"--model: required with a raster SOURCE ({path.name}); a .safetensors written by "
                               "geoseg train")
-        cfg = validate(PipelineConfig, data, config or "geoseg run", base_dir)
-        from geoseg.models import read_model_spec
-
-        check_model_fits(cfg, read_model_spec(cfg.model), config or "geoseg run")
-    result = run_pipeline(cfg, progress=progress)
+        where = config or "geoseg run"
+        cfg = validate(PipelineConfig, data, where, base_dir)
+    spec = read_model_spec(cfg.model)  # read once: run_pipeline takes it as checked
+    check_model_fits(cfg, spec, where)
+    result = run_pipeline(cfg, progress=progress, spec=spec)
     t = result.timings
     summary = f"wrote {result.landcover} ({sum(t.values()):.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
     metrics = result.metrics or {}

@@ -77,18 +77,20 @@ def tile_grid(raster_height: int, raster_width: int, cfg: SegmentConfig) -> Tile
     return TileGrid(raster_height, raster_width, cfg.tile.size, cfg.tile.overlap, cfg.tile.chunk_tiles)
 
 
-def model_key(cfg: SegmentConfig) -> ModelKey:
+def model_key(cfg: SegmentConfig, spec: ModelSpec | None = None) -> ModelKey:
     """What identifies the loaded model of ``cfg`` on a worker: device, precision and memory format resolved.
 
     ``precision: auto`` on the CPU is bf16 where the CPU computes it natively and the checkpoint passed the
     bf16 guard, else fp32 (:func:`geoseg.device.auto_cpu_precision`); ``channels_last`` unset is on.
+    ``spec``: the checkpoint's header where the caller has it (else it is read when needed).
     """
     from geoseg.device import auto_cpu_precision, resolve_device
     from geoseg.models import read_model_spec
 
     device, precision = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
     if device == "cpu" and cfg.infer.precision == "auto":
-        precision = auto_cpu_precision(read_model_spec(cfg.model).provenance.get("precision_check", {}))
+        spec = spec or read_model_spec(cfg.model)
+        precision = auto_cpu_precision(spec.provenance.get("precision_check", {}))
     channels_last = True if cfg.infer.channels_last is None else cfg.infer.channels_last
     return ModelKey(str(cfg.model), model_digest(cfg.model), device, precision, channels_last)
 
@@ -106,14 +108,16 @@ def work_fingerprint(raster: Raster, cfg: SegmentConfig) -> str:
 
 def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: Path, *,
                   stats: SegmentStats | None = None, scores: Path | None = None, keep_tiles: Path | None = None,
-                  progress: Progress | None = None, cleanup: bool = True) -> Iterator[Block]:
+                  progress: Progress | None = None, cleanup: bool = True,
+                  spec: ModelSpec | None = None) -> Iterator[Block]:
     """Run the tile/infer/stitch graph of ``raster`` on ``client``; yield its stitched blocks as they finish.
 
     ``workdir`` is the scratch folder: resumed when it holds this work, and removed once every block has
     been yielded unless ``cleanup`` is False (the caller removes it when its own later stages are done).
     ``stats`` is filled in as the graph runs; ``scores`` keeps the class probabilities as Zarr there,
     ``keep_tiles`` moves the tile store there at the end. ``progress`` shows the tiles inferred (counted as
-    each batch finishes on a worker; a resumed chunk's tiles count as done from the start).
+    each batch finishes on a worker; a resumed chunk's tiles count as done from the start). ``spec``: the
+    checkpoint's header where the caller has read it (else it is read here).
     """
     import dask
     from distributed import get_task_stream
@@ -122,10 +126,10 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     from geoseg.models import read_model_spec
 
     stats = stats if stats is not None else SegmentStats()
-    spec = read_model_spec(cfg.model)
+    spec = spec or read_model_spec(cfg.model)
     grid = tile_grid(raster.height, raster.width, cfg)
     layout = AccumulatorLayout(grid, len(spec.classes))
-    key = model_key(cfg)
+    key = model_key(cfg, spec)
     device, precision = key.device, key.precision
     if device == "cuda" and not _has_gpu_workers(client):
         raise InputError("infer.device: cuda needs workers started with --resources GPU=1; none found")
