@@ -197,7 +197,6 @@ def previous_rows(path: Path) -> dict[str, dict]:
 def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, force: bool, retry_failed: bool,
                client: Client | None) -> BatchReport:
     from geoseg.cluster import open_client
-    from geoseg.device import resolve_device
     from geoseg.segment import model_key
     from geoseg.segment.predict import model_on_workers
 
@@ -237,15 +236,15 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
     log.info("batch: %d scenes, %d to run, %d complete already%s", len(scenes), len(todo), skipped,
              f", {remembered} known to fail (--retry-failed to retry)" if remembered else "")
 
-    device, _ = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
+    key = model_key(cfg.segment)  # the device, precision and model every scene's inference uses
     pool = ThreadPoolExecutor(max_workers=cfg.batch.concurrent_scenes, thread_name_prefix="geoseg-scene")
     running: dict[Future, dict] = {}
     try:
         if todo:
             opened = nullcontext(client) if client is not None else open_client(
-                cfg.cluster, use_gpu=device == "cuda", name=f"geoseg-{cfg.output_dir.name}",
+                cfg.cluster, use_gpu=key.device == "cuda", name=f"geoseg-{cfg.output_dir.name}",
                 log_directory=str(cfg.output_dir / "logs" / "workers"))
-            with opened as c, model_on_workers(c, model_key(cfg.segment)):
+            with opened as c, model_on_workers(c, key):
                 # The batch holds the model on the workers: scenes reuse it, whatever their settings.
                 for scene_cfg, scene, row in todo:
                     row["status"] = "running"

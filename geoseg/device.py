@@ -58,9 +58,16 @@ def auto_cpu_precision(checks: dict[str, Any]) -> str:
     return "fp32"
 
 
+def reduced_dtype(precision: str) -> Any:
+    """The torch dtype of a reduced ``precision`` (bf16, fp16); None for fp32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def autocast(device: str, precision: str) -> AbstractContextManager[Any]:
     """Torch autocast for ``precision`` (a no-op context for fp32)."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = reduced_dtype(precision)
     return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)

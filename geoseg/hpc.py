@@ -130,7 +130,14 @@ def check_submission(cluster: Any, cfg: ClusterConfig) -> None:
 
 
 def _job_class(base: type, watch: JobWatch) -> type:
-    """``base`` (SLURMJob, PBSJob) reporting to ``watch``: ids and logs as submitted, a refusal without a loop."""
+    """``base`` (SLURMJob, PBSJob) reporting to ``watch``: ids and logs as submitted, a refusal without a loop.
+
+    Through dask-jobqueue's public interface: ``job_cls`` is a documented JobQueueCluster argument and a
+    Job subclass is how its docs customise submission. One step goes beyond it: a refused submission marks
+    the job as started, because SpecCluster (distributed) recreates every worker of its spec that is not
+    running on each adapt or scale tick, and neither it nor dask-jobqueue has a hook for "this job will
+    never start": without it a closed partition is resubmitted (with a traceback) for as long as the run.
+    """
     from distributed.core import Status
 
     class WatchedJob(base):
@@ -150,15 +157,16 @@ def _job_class(base: type, watch: JobWatch) -> type:
     return WatchedJob
 
 
-def _adaptive_class(max_pending_jobs: int) -> type:
-    """Adaptive scaling that keeps at most ``max_pending_jobs`` jobs in the queue beyond those connected."""
+def _adaptive_class(max_pending_jobs: int, per_job: int) -> type:
+    """Adaptive scaling that keeps at most ``max_pending_jobs`` jobs in the queue beyond those connected.
+
+    ``Adaptive=`` is distributed's public hook for the policy; ``per_job`` is the worker processes per job.
+    """
     from distributed.deploy.adaptive import Adaptive
 
     class QueueAwareAdaptive(Adaptive):
         async def target(self) -> int:
             want = await super().target()
-            cluster: Any = self.cluster  # a JobQueueCluster; its template job knows the processes per job
-            per_job = max(1, int(cluster._dummy_job.worker_processes))
             started_jobs = -(-len(self.observed) // per_job)
             return int(min(want, (started_jobs + max_pending_jobs) * per_job))
 
@@ -225,5 +233,6 @@ def adapt(cluster: Any, cfg: ClusterConfig) -> None:
     without work. The cluster, and with it every job, ends with the run.
     """
     jq = cfg.jobqueue
-    cluster.adapt(Adaptive=_adaptive_class(jq.max_pending_jobs), minimum_jobs=max(1, jq.minimum_jobs),
+    policy = _adaptive_class(jq.max_pending_jobs, max(1, jq.processes))
+    cluster.adapt(Adaptive=policy, minimum_jobs=max(1, jq.minimum_jobs),
                   maximum_jobs=max(1, jq.maximum_jobs))

@@ -345,9 +345,8 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     import rasterio
 
     from geoseg.cluster import open_client
-    from geoseg.device import resolve_device
     from geoseg.read import read_raster
-    from geoseg.segment import SegmentStats, segment_scene
+    from geoseg.segment import SegmentStats, model_key, segment_scene
     from geoseg.workerenv import GDAL_CACHE_MB
     from geoseg.write import (
         confidence_writer,
@@ -367,7 +366,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         from geoseg.evaluate import check_reference
 
         check_reference(cfg.evaluate, raster.grid)  # before any work: a bad reference fails in seconds
-    device, _ = resolve_device(cfg.infer.device, cfg.infer.precision, local=False)
+    device = model_key(cfg.segment, spec).device
     result.stats.update(width=raster.width, height=raster.height, bands=list(raster.bands),
                         crs=raster.grid.crs.to_string(), tile=cfg.tile.size, overlap=cfg.tile.overlap)
 

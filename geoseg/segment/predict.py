@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from geoseg.device import reduced_dtype
 from geoseg.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class Predictor:
         self.spec = spec
         self.key = key
         self.device = torch.device(key.device)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(key.precision)
+        self.dtype = reduced_dtype(key.precision)
         self.memory_format = torch.channels_last if key.channels_last else torch.contiguous_format
         self.model = build_model(spec, state).to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
         self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
