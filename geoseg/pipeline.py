@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("geoseg")
 
-LANDCOVER = "landcover.tif"
-CONFIDENCE = "confidence.tif"
 MANIFEST = "run.json"
 STAC_ITEM = "item.json"
 RESOLVED_CONFIG = "pipeline-config.json"
@@ -47,10 +45,9 @@ WORK_DIR = ".geoseg-work"
 def outputs(cfg: PipelineConfig) -> list[str]:
     """Names (inside ``cfg.output_dir``) of every file or folder a run of ``cfg`` writes, manifest last."""
     from geoseg.report import FILES as REPORT_FILES
+    from geoseg.write import output_names
 
-    names = [LANDCOVER, LANDCOVER + ".aux.xml", Path(LANDCOVER).with_suffix(".qml").name]
-    if cfg.write.confidence != "none":
-        names += [CONFIDENCE, Path(CONFIDENCE).with_suffix(".qml").name]
+    names = output_names(cfg.write)
     if cfg.write.keep_scores:
         names.append("scores.zarr")
     if cfg.write.keep_tiles:
@@ -348,14 +345,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     from geoseg.read import read_raster
     from geoseg.segment import SegmentStats, model_key, segment_scene
     from geoseg.workerenv import GDAL_CACHE_MB
-    from geoseg.write import (
-        confidence_writer,
-        encode_confidence,
-        landcover_writer,
-        write_categories,
-        write_confidence_style,
-        write_qgis_style,
-    )
+    from geoseg.write import SceneWriter
 
     assert cfg.input is not None
     timings, out_dir = result.timings, cfg.output_dir
@@ -379,17 +369,9 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         if cfg.cluster.dashboard and client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
 
-        lc_path = staged / LANDCOVER
-        classes = spec.classes
-        co = cfg.write.creation_options
-        writers = [landcover_writer(lc_path, raster.grid, classes, cfg.write.nodata, compress=cfg.write.compress,
-                                    overviews=cfg.write.overviews, creation_options=co)]
-        stack.callback(writers[0].abort)
-        if cfg.write.confidence != "none":
-            writers.append(confidence_writer(staged / CONFIDENCE, raster.grid, cfg.write.confidence,
-                                             compress=cfg.write.compress, overviews=cfg.write.overviews,
-                                             creation_options=co))
-            stack.callback(writers[1].abort)
+        writer = SceneWriter(staged, raster.grid, spec.classes, cfg.write)
+        stack.callback(writer.abort)
+        lc_path = writer.landcover
         scores = staged / "scores.zarr" if cfg.write.keep_scores else None
 
         stats = SegmentStats()
@@ -399,10 +381,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
                                keep_tiles=kept, progress=progress, cleanup=False, spec=spec)
         with _timed(timings, "tile_infer_stitch"):
             for block in blocks:
-                writers[0].write(block.window, block.labels)
-                if len(writers) > 1:
-                    known = block.labels != cfg.write.nodata
-                    writers[1].write(block.window, encode_confidence(block.confidence, known, cfg.write.confidence))
+                writer.write(block.window, block.labels, block.confidence)
                 _faults.point("infer")
                 interrupt.check()
         _faults.point("segmented")
@@ -411,16 +390,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             chunks_resumed=stats.chunks_resumed, chunks_inferred=stats.chunks_inferred,
             task_seconds=stats.task_seconds, valid_pixels=stats.valid_pixels, tiles_inferred=stats.tiles_inferred)
         with _timed(timings, "write"), _stage(progress, "writing the COG (tiles, overviews)"):
-            result.outputs["landcover"] = str(writers[0].close())
-            _faults.point("write")
-            result.outputs["qgis_style"] = str(write_qgis_style(lc_path.with_suffix(".qml"), classes, cfg.write.nodata))
-            assert writers[0].counts is not None
-            result.outputs["categories"] = str(write_categories(lc_path, classes, cfg.write.nodata, writers[0].counts,
-                                                                raster.grid.pixel_area_m2))
-            if len(writers) > 1:
-                result.outputs["confidence"] = str(writers[1].close())
-                result.outputs["confidence_style"] = str(write_confidence_style(
-                    (staged / CONFIDENCE).with_suffix(".qml"), cfg.write.confidence))
+            result.outputs.update(writer.close())
             if scores is not None:
                 result.outputs["scores"] = str(scores)
             if kept is not None:
@@ -441,7 +411,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
             with _timed(timings, "evaluate"):
                 metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client, progress=progress),
-                                  prediction=str(out_dir / LANDCOVER))  # where it will be, not the staged copy
+                                  prediction=str(out_dir / lc_path.name))  # where it will be, not the staged copy
                 _faults.point("evaluate")
                 result.outputs.update(write_reports(metrics, staged))
             result.metrics = metrics.summary()

@@ -2,7 +2,9 @@
 
 Blocks arrive in any order and are written into a tiled temporary GeoTIFF; closing converts it with
 GDAL's COG driver (internal tiles, compression, nearest/mode overviews, colour table kept) and renames
-it into place, so a crash never leaves a file that looks finished.
+it into place, so a crash never leaves a file that looks finished. :class:`SceneWriter` is the stage:
+every raster output of a scene (land cover with its QGIS style and category table, the optional
+confidence with its style) from the stitched blocks.
 """
 
 from __future__ import annotations
@@ -18,10 +20,23 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
+from geoseg import _faults
 from geoseg._io import atomic_path, check_overwrite, remove, temporary_name
 from geoseg.classes import ClassMap
+from geoseg.config import WriteConfig
 from geoseg.errors import OutputWriteError
 from geoseg.grid import RasterGrid
+
+LANDCOVER = "landcover.tif"
+CONFIDENCE = "confidence.tif"
+
+
+def output_names(cfg: WriteConfig) -> list[str]:
+    """Names of the files :class:`SceneWriter` puts in its folder under ``cfg``."""
+    names = [LANDCOVER, LANDCOVER + ".aux.xml", Path(LANDCOVER).with_suffix(".qml").name]
+    if cfg.confidence != "none":
+        names += [CONFIDENCE, Path(CONFIDENCE).with_suffix(".qml").name]
+    return names
 
 
 class RasterWriter:
@@ -258,3 +273,54 @@ def write_confidence_style(path: Path, dtype: str) -> Path:
     with atomic_path(Path(path), overwrite=True) as tmp:
         tmp.write_text(qml)
     return Path(path)
+
+
+class SceneWriter:
+    """The raster outputs of one scene in ``folder``, streamed from its stitched blocks.
+
+    :meth:`write` takes each block's window, class ids and top-class probability (any order); :meth:`close`
+    finishes the land-cover COG, its QGIS style and category table (``.aux.xml``) and the confidence COG
+    and style where ``cfg.confidence`` asks, and returns them by output name; :meth:`abort` drops them.
+    """
+
+    def __init__(self, folder: Path, grid: RasterGrid, classes: ClassMap, cfg: WriteConfig) -> None:
+        self.cfg, self.grid, self.classes = cfg, grid, classes
+        self.landcover = folder / LANDCOVER
+        self.confidence = folder / CONFIDENCE if cfg.confidence != "none" else None
+        co = cfg.creation_options
+        self._writers = [landcover_writer(self.landcover, grid, classes, cfg.nodata, compress=cfg.compress,
+                                          overviews=cfg.overviews, creation_options=co)]
+        if self.confidence is not None:
+            try:
+                self._writers.append(confidence_writer(self.confidence, grid, cfg.confidence, compress=cfg.compress,
+                                                       overviews=cfg.overviews, creation_options=co))
+            except BaseException:
+                self._writers[0].abort()
+                raise
+
+    def write(self, window: Window, labels: np.ndarray, confidence: np.ndarray) -> None:
+        """One block: class ids (``cfg.nodata`` where invalid) and the top-class probability."""
+        self._writers[0].write(window, labels)
+        if len(self._writers) > 1:
+            known = labels != self.cfg.nodata
+            self._writers[1].write(window, encode_confidence(confidence, known, self.cfg.confidence))
+
+    def close(self) -> dict[str, str]:
+        """Finish every output; their paths by output name (landcover, qgis_style, categories, confidence...)."""
+        cfg, lc = self.cfg, self._writers[0]
+        out = {"landcover": str(lc.close())}
+        _faults.point("write")
+        out["qgis_style"] = str(write_qgis_style(self.landcover.with_suffix(".qml"), self.classes, cfg.nodata))
+        assert lc.counts is not None
+        out["categories"] = str(write_categories(self.landcover, self.classes, cfg.nodata, lc.counts,
+                                                 self.grid.pixel_area_m2))
+        if self.confidence is not None:
+            out["confidence"] = str(self._writers[1].close())
+            out["confidence_style"] = str(write_confidence_style(self.confidence.with_suffix(".qml"),
+                                                                 cfg.confidence))
+        return out
+
+    def abort(self) -> None:
+        """Drop what was written (the files :meth:`close` has not finished yet)."""
+        for w in self._writers:
+            w.abort()
