@@ -25,7 +25,7 @@ import re
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,28 +142,60 @@ def _stac_scenes(path: Path, asset: str, taken: set[str]) -> list[Scene]:
 
 
 @dataclass
+class SceneRow:
+    """One scene's row of the batch manifest (``batch.json`` ``scenes``, ``batch.csv``)."""
+
+    scene: str
+    input: str
+    output_dir: str
+    status: str = "pending"
+    """pending, running, done, skipped, failed or interrupted."""
+    seconds: float = 0.0
+    landcover: str = ""
+    error: str = ""
+    failure: str = ""
+    """For a failed scene, one of :data:`FAILURE_KINDS`."""
+    fingerprint: str | None = None
+    failed_at: str | None = None
+    outputs: dict[str, str] | None = None
+    timings_s: dict[str, float] | None = None
+
+    def update(self, **values: Any) -> None:
+        """Set fields by name (an unknown name is a bug, not a new column)."""
+        names = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key not in names:
+                raise TypeError(f"SceneRow has no field {key!r}")
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's JSON object: the fields that are set, in the manifest's order."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class BatchReport:
     """Rows of the batch manifest and where it was written."""
 
     path: Path
-    rows: list[dict] = field(default_factory=list)
+    rows: list[SceneRow] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Scenes per status."""
         out: dict[str, int] = {}
         for r in self.rows:
-            out[r["status"]] = out.get(r["status"], 0) + 1
+            out[r.status] = out.get(r.status, 0) + 1
         return out
 
     @property
     def ok(self) -> bool:
         """Every scene done or skipped."""
-        return all(r["status"] in ("done", "skipped") for r in self.rows)
+        return all(r.status in ("done", "skipped") for r in self.rows)
 
     @property
     def interrupted(self) -> bool:
         """Some scene was stopped by a stop request (and none failed for another reason since)."""
-        return any(r["status"] == "interrupted" for r in self.rows)
+        return any(r.status == "interrupted" for r in self.rows)
 
 
 def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, retry_failed: bool = False,
@@ -202,12 +234,11 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
 
     started = datetime.now(timezone.utc)
     earlier = previous_rows(report.path)
-    todo: list[tuple[PipelineConfig, Scene, dict]] = []
+    todo: list[tuple[PipelineConfig, Scene, SceneRow]] = []
     remembered = 0
     for scene in scenes:
         out = cfg.output_dir / scene.name
-        row: dict[str, Any] = {"scene": scene.name, "input": str(scene.path), "output_dir": str(out),
-                               "status": "pending", "seconds": 0.0, "landcover": "", "error": "", "failure": ""}
+        row = SceneRow(scene.name, str(scene.path), str(out))
         report.rows.append(row)
         scene_cfg = cfg.model_copy(update={"input": scene.path, "output_dir": out})
         try:
@@ -215,7 +246,7 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
         except OSError as exc:
             row.update(status="failed", failure="input", error=f"{scene.path}: {exc.strerror or exc}")
             continue
-        row["fingerprint"] = fingerprint
+        row.fingerprint = fingerprint
         if not force and holds_run(scene_cfg, fingerprint):
             row.update(status="skipped", landcover=str(out / "landcover.tif"))
             continue
@@ -238,7 +269,7 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
 
     key = model_key(cfg.segment)  # the device, precision and model every scene's inference uses
     pool = ThreadPoolExecutor(max_workers=cfg.batch.concurrent_scenes, thread_name_prefix="geoseg-scene")
-    running: dict[Future, dict] = {}
+    running: dict[Future, SceneRow] = {}
     try:
         if todo:
             opened = nullcontext(client) if client is not None else open_client(
@@ -247,21 +278,21 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
             with opened as c, model_on_workers(c, key):
                 # The batch holds the model on the workers: scenes reuse it, whatever their settings.
                 for scene_cfg, scene, row in todo:
-                    row["status"] = "running"
+                    row.status = "running"
                     running[pool.submit(_run_scene, scene_cfg, scene, c, force)] = row
                 for fut in as_completed(running):
-                    running[fut].update(fut.result())
+                    running[fut].update(**fut.result())
     except BaseException as exc:
         stopping = isinstance(exc, KeyboardInterrupt) or interrupt.requested()
         # Scenes in flight see the request at their next check (within a second) and end as interrupted.
         for fut, row in running.items():
             if stopping:
                 try:
-                    row.update(fut.result(timeout=15))
+                    row.update(**fut.result(timeout=15))
                 except BaseException:  # noqa: BLE001 - still running, or stopped without a row of its own
                     pass
         for row in report.rows:
-            if row["status"] in ("pending", "running"):
+            if row.status in ("pending", "running"):
                 if stopping:
                     row.update(status="interrupted", error="batch interrupted; rerun to continue")
                 else:
@@ -317,9 +348,10 @@ def _write_manifest(report: BatchReport, started: datetime) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(report.rows)
+    rows = [r.to_dict() for r in report.rows]
+    writer.writerows(rows)
     write_text_atomic(report.path.with_suffix(".csv"), buf.getvalue())
     # The JSON manifest is written last: when it says so, every scene's outputs are final.
     summary = {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
-               "counts": report.counts(), "ok": report.ok, "scenes": report.rows}
+               "counts": report.counts(), "ok": report.ok, "scenes": rows}
     write_text_atomic(report.path, json.dumps(summary, indent=2, default=str) + "\n")

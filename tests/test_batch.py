@@ -44,7 +44,7 @@ def outputs_of(out_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def statuses(report) -> dict[str, str]:  # noqa: ANN001
-    return {r["scene"]: r["status"] for r in report.rows}
+    return {r.scene: r.status for r in report.rows}
 
 
 def test_second_run_skips_and_exactly_the_changed_scenes_are_redone(tmp_path, client, fcn_checkpoint):  # noqa: ANN001

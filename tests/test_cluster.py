@@ -150,13 +150,13 @@ def test_a_scene_whose_input_failed_is_not_retried_until_it_changes(tmp_path, cl
     scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
     cfg = pipeline_config(paths[0], fcn_checkpoint, tmp_path / "out", **COMMON)
     first = run_batch(cfg, scenes, client=client)
-    row = {r["scene"]: r for r in first.rows}["scene1"]
-    assert row["status"] == "failed" and row["failure"] == "input"
+    row = {r.scene: r for r in first.rows}["scene1"]
+    assert row.status == "failed" and row.failure == "input"
 
     again = run_batch(cfg, scenes, client=client)  # the same input: remembered, not run
-    row = {r["scene"]: r for r in again.rows}["scene1"]
+    row = {r.scene: r for r in again.rows}["scene1"]
     assert statuses(again) == {"scene0": "skipped", "scene1": "failed"}
-    assert row["error"].startswith("not retried") and row["seconds"] == 0.0  # never handed to a worker
+    assert row.error.startswith("not retried") and row.seconds == 0.0  # never handed to a worker
 
     assert statuses(run_batch(cfg, scenes, client=client, retry_failed=True))["scene1"] == "failed"  # ran, failed
     time.sleep(0.01)
@@ -177,7 +177,7 @@ def test_a_cluster_failure_is_retried_by_the_next_batch(tmp_path, client, fcn_ch
 
     monkeypatch.setattr(batch, "run_pipeline", lost)
     row = run_batch(cfg, scenes, client=client).rows[0]
-    assert row["status"] == "failed" and row["failure"] == "cluster"
+    assert row.status == "failed" and row.failure == "cluster"
     monkeypatch.setattr(batch, "run_pipeline", real)
     assert statuses(run_batch(cfg, scenes, client=client)) == {"scene0": "done"}
 
@@ -190,9 +190,9 @@ def test_a_scene_whose_output_folder_cannot_be_made_fails_in_one_line_and_the_ne
     (tmp_path / "out" / "scene1").write_text("in the way")
     scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
     cfg = pipeline_config(paths[0], fcn_checkpoint, tmp_path / "out", **COMMON)
-    row = {r["scene"]: r for r in run_batch(cfg, scenes, client=client).rows}["scene1"]
-    assert row["status"] == "failed" and row["failure"] == "output"
-    assert re.fullmatch(r"output_dir: cannot create \S+/out/scene1 \(.+\)", row["error"]), row["error"]
+    row = {r.scene: r for r in run_batch(cfg, scenes, client=client).rows}["scene1"]
+    assert row.status == "failed" and row.failure == "output"
+    assert re.fullmatch(r"output_dir: cannot create \S+/out/scene1 \(.+\)", row.error), row.error
     (tmp_path / "out" / "scene1").unlink()  # fixed: a plain rerun retries it
     assert statuses(run_batch(cfg, scenes, client=client)) == {"scene0": "skipped", "scene1": "done"}
 
