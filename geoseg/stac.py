@@ -3,7 +3,8 @@
 One Item per scene (``item.json`` beside the outputs): footprint and bbox in WGS 84, the projection of the
 grid (projection extension), the land-cover raster with its class table (classification extension v2),
 and the polygons, confidence raster, metrics and run manifest as further assets. Hrefs are relative, so an
-output folder can be moved or synced to object storage as it is.
+output folder can be moved or synced to object storage as it is. The Item is built and serialised by
+pystac (its STAC version, datetime format and field order); geoseg computes the geometry and the values.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from geoseg.read import Raster
 
 log = logging.getLogger("geoseg")
 
-STAC_VERSION = "1.1.0"
 EXTENSIONS = [
     "https://stac-extensions.github.io/classification/v2.0.0/schema.json",
     "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
@@ -164,32 +164,34 @@ def stac_item(item_id: str, raster: Raster, outputs: dict[str, str], classes: Cl
         props["geoseg:domain_warnings"] = list(domain_warnings)
     if metrics:
         props["geoseg:metrics"] = {k: metrics[k] for k in ("mean_iou", "overall_accuracy", "kappa") if k in metrics}
-    assets: dict[str, dict] = {}
+    import pystac
+    from pystac.utils import str_to_datetime
+
+    item = pystac.Item(item_id, geom, bbox(geom), str_to_datetime(when),
+                       {k: v for k, v in props.items() if v is not None and k != "datetime"},
+                       stac_extensions=list(EXTENSIONS))
     for key, path in outputs.items():
         p = Path(path)
         if (staged / p.name if staged else p).is_dir() or key in ("manifest", "stac_item"):
             continue
-        asset: dict[str, Any] = {"href": f"./{p.name}",
-                                 "type": _MEDIA.get(p.suffix.lower(), "application/octet-stream"),
-                                 "roles": _ROLES.get(key, ["metadata"]), "title": key.replace("_", " ")}
+        extra: dict[str, Any] = {}
         if key == "landcover":
-            asset["classification:classes"] = class_table(classes, nodata)
-            asset["raster:bands"] = [{"nodata": nodata, "data_type": "uint8", "sampling": "area"}]
+            extra["classification:classes"] = class_table(classes, nodata)
+            extra["raster:bands"] = [{"nodata": nodata, "data_type": "uint8", "sampling": "area"}]
         if key == "confidence" and confidence_scale is not None:
-            asset["raster:bands"] = [{"scale": confidence_scale, "offset": 0.0, "unit": "probability",
+            extra["raster:bands"] = [{"scale": confidence_scale, "offset": 0.0, "unit": "probability",
                                       "nodata": 255 if confidence_scale != 1.0 else -1.0,
                                       "data_type": "uint8" if confidence_scale != 1.0 else "float32"}]
-        assets[key] = asset
-    assets["manifest"] = {"href": "./run.json", "type": "application/json", "roles": ["metadata"],
-                          "title": "geoseg run manifest"}
+        item.add_asset(key, pystac.Asset(f"./{p.name}", key.replace("_", " "),
+                                         media_type=_MEDIA.get(p.suffix.lower(), "application/octet-stream"),
+                                         roles=_ROLES.get(key, ["metadata"]), extra_fields=extra))
+    item.add_asset("manifest", pystac.Asset("./run.json", "geoseg run manifest", media_type="application/json",
+                                            roles=["metadata"]))
     # Relative, like the assets: the folder can move or sync with its inputs. A source item keeps its href.
     folder = (staged.parent if staged else Path(next(iter(outputs.values()))).parent) if outputs else Path.cwd()
     if source and source.get("href"):
-        link = {"rel": "derived_from", "href": source["href"], "type": "application/geo+json"}
+        item.add_link(pystac.Link("derived_from", source["href"], media_type="application/geo+json"))
     else:
-        link = {"rel": "derived_from", "href": os.path.relpath(raster.path.absolute(), folder.absolute()),
-                "type": media_type(raster.path)}
-    links = [link]
-    return {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": EXTENSIONS, "id": item_id,
-            "geometry": geom, "bbox": bbox(geom),
-            "properties": {k: v for k, v in props.items() if v is not None}, "links": links, "assets": assets}
+        item.add_link(pystac.Link("derived_from", os.path.relpath(raster.path.absolute(), folder.absolute()),
+                                  media_type=media_type(raster.path)))
+    return item.to_dict(include_self_link=False, transform_hrefs=False)
