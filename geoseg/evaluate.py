@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from geoseg.classes import ClassMap
 from geoseg.config import EvaluateConfig
 from geoseg.errors import InputError
-from geoseg.grid import RasterGrid
+from geoseg.grid import RasterGrid, block_rows
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -352,8 +352,7 @@ def evaluate_iou(prediction: Path, cfg: EvaluateConfig, *, client: Client | None
     grid, classes = _prediction_grid(Path(prediction))
     check_reference(cfg, grid)
     block = cfg.block
-    windows = [Window(c0, r0, min(block, grid.width - c0), min(block, grid.height - r0))
-               for r0 in range(0, grid.height, block) for c0 in range(0, grid.width, block)]
+    windows = [w for row in block_rows(grid.height, grid.width, block) for w in row]
     tasks = [dask.delayed(block_confusion, pure=True)(str(prediction), cfg, grid, w, classes) for w in windows]
     total = Metrics.empty(classes, prediction=str(prediction), reference=str(cfg.reference),
                           pixel_area_m2=grid.pixel_area_m2)

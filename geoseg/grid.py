@@ -23,6 +23,14 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 
+def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
+    """A ``height`` x ``width`` raster's ``block``-pixel windows, row by row (the last ones cut by the edge).
+
+    The one block grid of the stages that read or write a raster in blocks (vectorize, evaluate, the sample).
+    """
+    return [[Window(c0, r0, min(block, width - c0), min(block, height - r0)) for c0 in range(0, width, block)]
+            for r0 in range(0, height, block)]
+
 @dataclass(frozen=True)
 class RasterGrid:
     """Where a raster's pixels lie: CRS, affine transform and size. The one grid value every stage shares."""

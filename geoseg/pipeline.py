@@ -163,8 +163,8 @@ def check_paths(cfg: PipelineConfig) -> None:
         target = (cfg.output_dir / name).resolve()
         for key, path in resolved.items():
             if target == path or path.is_relative_to(target):
-                raise OutputWriteError(f"output_dir: {cfg.output_dir / name} would replace the run's {key} ({path}); "
-                                 "write the outputs to another folder")
+                raise OutputWriteError(f"output_dir: {cfg.output_dir / name} would replace the run's {key} "
+                                       f"({path}); write the outputs to another folder")
 
 
 def run_pipeline(cfg: PipelineConfig, *, client: Client | None = None, progress: bool | None = None,

@@ -17,6 +17,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geoseg._io import atomic_path
+from geoseg.grid import block_rows
 
 #: Class ids of the reference map (0 is nodata).
 CLASSES = [
@@ -193,10 +194,8 @@ def make_sample(
             img_ds.update_tags(GEOSEG_SAMPLE_SEED=str(seed))
             lab_ds.write_colormap(1, cmap.colormap(NODATA))
             lab_ds.update_tags(GEOSEG_CLASSES=__import__("json").dumps(CLASSES))
-            for r0 in range(0, height, block):
-                for c0 in range(0, width, block):
-                    win = Window(c0, r0, min(block, width - c0), min(block, height - r0))
-                    labels = labels_window(win, width, height, seed)
-                    lab_ds.write(labels, 1, window=win)
-                    img_ds.write(image_window(labels, win, seed), window=win)
+            for win in (w for row in block_rows(height, width, block) for w in row):
+                labels = labels_window(win, width, height, seed)
+                lab_ds.write(labels, 1, window=win)
+                img_ds.write(image_window(labels, win, seed), window=win)
     return paths

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
-from rasterio.windows import Window
 
 from geoseg._io import atomic_path, check_overwrite
 from geoseg.classes import ClassMap
 from geoseg.config import VectorizeConfig
 from geoseg.errors import InputError, OutputWriteError
-from geoseg.grid import RasterGrid
+from geoseg.grid import RasterGrid, block_rows
 from geoseg.vectorize.attributes import add_measures, features, measures, to_world
 from geoseg.vectorize.merge import RowMerger, _balanced, union_groups
 from geoseg.vectorize.polygonize import MAX_READ, min_area_pixels, polygonize_block, sieve_block, sieve_halo
@@ -54,12 +53,6 @@ log = logging.getLogger("geoseg")
 
 _SCATTER_BYTES = 4 * 2**20
 """Union groups larger than this (WKB bytes) are scattered to the workers before they are submitted."""
-
-
-def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
-    """The raster's blocks, row by row."""
-    return [[Window(c0, r0, min(block, width - c0), min(block, height - r0)) for c0 in range(0, width, block)]
-            for r0 in range(0, height, block)]
 
 
 def polygon_features(raster: str, cfg: VectorizeConfig, grid: RasterGrid, *, min_area: int | None = None,
