@@ -141,12 +141,25 @@ def test_shipped_training_configs_validate(name: str):
     data = read_config_tree(ROOT / "configs" / name)
     for scene in data["train"] + data.get("validation", {}).get("scenes", []):
         scene["image"] = scene["labels"] = str(ROOT / "pyproject.toml")
+    if data["model"].get("encoder_weights"):  # the file geoseg pretrain makes
+        data["model"]["encoder_weights"] = str(ROOT / "pyproject.toml")
     cfg = validate(TrainConfig, data, name, ROOT / "configs")
     assert len(cfg.classes) >= 2 and cfg.bands
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("pretrain-*.yaml")))
+def test_shipped_pretraining_configs_validate(name: str):
+    from geoseg.config import PretrainConfig, read_config_tree, validate
+
+    data = read_config_tree(ROOT / "configs" / name)
+    for scene in data["scenes"]:
+        scene["image"] = str(ROOT / "pyproject.toml")
+    cfg = validate(PretrainConfig, data, name, ROOT / "configs")
+    assert cfg.bands and cfg.model.architecture != "fcn"
+
+
 PIPELINE_PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                          if not p.name.startswith(("train-", "model-", "legend-")))
+                          if not p.name.startswith(("train-", "pretrain-", "model-", "legend-")))
 
 
 @pytest.mark.parametrize("preset", [None, *PIPELINE_PRESETS])

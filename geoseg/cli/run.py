@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -70,9 +69,7 @@ def command(source: str, output_dir: str | None, model: str | None, config: str 
     SOURCE is a raster (the shipped default pipeline runs on it; give --model) or a pipeline YAML. Every
     config key stays reachable with --set KEY=VALUE.
     """
-    from geoseg.config import PipelineConfig, load_config, read_config_tree, validate
-    from geoseg.config.defaults import DEFAULT_PIPELINE
-    from geoseg.config.loader import _set_dotted, parse_overrides
+    from geoseg.config import PipelineConfig, load_config, raster_config
     from geoseg.models import read_model_spec
     from geoseg.pipeline import check_model_fits, run_pipeline
 
@@ -85,25 +82,11 @@ def command(source: str, output_dir: str | None, model: str | None, config: str 
         cfg: PipelineConfig = load_config(path, [*overrides, *extra])
         where = path.name
     else:
-        data: dict[str, Any]
-        if config:
-            base = Path(config)
-            if base.exists() and source_kind(base) == "raster":
-                raise ConfigError(f"--config {config}: is a raster, not a pipeline YAML; give it as SOURCE: "
-                                  f"geoseg run {config}")
-            data = read_config_tree(base)
-            base_dir = base.absolute().parent
-        else:
-            data, base_dir = {k: dict(v) for k, v in DEFAULT_PIPELINE.items()}, Path.cwd()
-        data["input"] = str(path.absolute())
-        data.setdefault("output_dir", str(Path.cwd() / f"{path.stem}-landcover"))
-        for key, value in parse_overrides([*overrides, *extra]):
-            _set_dotted(data, key, value)
-        if "model" not in data:
-            raise ConfigError(f"--model: required with a raster SOURCE ({path.name}); a .safetensors written by "
-                              "geoseg train")
+        if config and Path(config).exists() and source_kind(Path(config)) == "raster":
+            raise ConfigError(f"--config {config}: is a raster, not a pipeline YAML; give it as SOURCE: "
+                              f"geoseg run {config}")
+        cfg = raster_config(path, [*overrides, *extra], config)
         where = config or "geoseg run"
-        cfg = validate(PipelineConfig, data, where, base_dir)
     spec = read_model_spec(cfg.model)  # read once: run_pipeline takes it as checked
     check_model_fits(cfg, spec, where)
     result = run_pipeline(cfg, progress=progress, spec=spec)

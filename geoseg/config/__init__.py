@@ -10,7 +10,15 @@ A leaf package: it imports no runtime module of geoseg (only :mod:`geoseg.errors
 """
 
 from geoseg.config.docs import config_reference_markdown
-from geoseg.config.loader import dump_config, load_config, parse_overrides, read_config_tree, read_yaml, validate
+from geoseg.config.loader import (
+    dump_config,
+    load_config,
+    parse_overrides,
+    raster_config,
+    read_config_tree,
+    read_yaml,
+    validate,
+)
 from geoseg.config.pipeline import (
     BatchConfig,
     ClusterConfig,
@@ -47,6 +55,6 @@ __all__ = [
     "JobqueueConfig", "LossConfig", "MaskConfig", "ModelConfig", "PipelineConfig", "PretrainConfig", "ReadConfig",
     "SamplingConfig", "SceneConfig", "SegmentConfig", "StitchConfig", "TLSConfig", "TileConfig", "TrainConfig",
     "UnlabelledSceneConfig", "ValidationConfig", "VectorizeConfig", "WindowConfig", "WriteConfig",
-    "config_reference_markdown", "dump_config", "load_config", "parse_overrides", "read_config_tree", "read_yaml",
-    "validate",
+    "config_reference_markdown", "dump_config", "load_config", "parse_overrides", "raster_config", "read_config_tree",
+    "read_yaml", "validate",
 ]

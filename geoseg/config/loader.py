@@ -223,6 +223,31 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), model: type[C] 
     return validate(model, data, path.name, path.parent.absolute())
 
 
+def raster_config(raster: str | Path, overrides: Iterable[str] = (), base: str | Path | None = None) -> PipelineConfig:
+    """The pipeline for one raster (``geoseg run SCENE.tif``), validated.
+
+    ``base``'s settings (a pipeline YAML) or the shipped defaults, its input the raster, ``overrides`` on
+    top, its output folder ``./RASTER-landcover`` unless one is given. Without ``model`` (in ``base`` or the
+    overrides) it is a one-line error: a raster alone names no model.
+    """
+    from geoseg.config.defaults import DEFAULT_PIPELINE
+
+    raster = Path(raster)
+    where = str(base) if base is not None else "geoseg run"
+    if base is not None:
+        data, base_dir = read_config_tree(Path(base)), Path(base).absolute().parent
+    else:
+        data, base_dir = {k: dict(v) for k, v in DEFAULT_PIPELINE.items()}, Path.cwd()
+    data["input"] = str(raster.absolute())
+    data.setdefault("output_dir", str(Path.cwd() / f"{raster.stem}-landcover"))
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    if "model" not in data:
+        raise ConfigError(f"--model: required with a raster SOURCE ({raster.name}); a .safetensors written by "
+                          "geoseg train")
+    return validate(PipelineConfig, data, where, base_dir)
+
+
 def dump_config(cfg: BaseModel) -> dict:
     """Plain-JSON form of a resolved config (absolute paths as strings)."""
     return cfg.model_dump(mode="json")
