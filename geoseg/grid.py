@@ -31,6 +31,7 @@ def block_rows(height: int, width: int, block: int) -> list[list[Window]]:
     return [[Window(c0, r0, min(block, width - c0), min(block, height - r0)) for c0 in range(0, width, block)]
             for r0 in range(0, height, block)]
 
+
 @dataclass(frozen=True)
 class RasterGrid:
     """Where a raster's pixels lie: CRS, affine transform and size. The one grid value every stage shares."""
