@@ -23,10 +23,11 @@ import numpy as np
 from geoseg._io import atomic_path, check_overwrite, file_digest
 from geoseg._version import __version__
 from geoseg.config import AugmentConfig, PretrainConfig, dump_config
-from geoseg.device import autocast, resolve_device
+from geoseg.device import autocast
 from geoseg.errors import InputError
 from geoseg.read import open_raster, read_window
-from geoseg.training_data import IGNORE, Region, WindowSampler, augment, band_stats, resolve_window
+from geoseg.train import start_run
+from geoseg.training_data import IGNORE, Region, WindowSampler, augment, band_stats, normaliser, resolve_window
 
 log = logging.getLogger("geoseg")
 
@@ -106,17 +107,11 @@ def pretrain_encoder(cfg: PretrainConfig, *, progress: bool = False) -> Pretrain
     from geoseg.progress import progress_bar
 
     check_overwrite(cfg.output, cfg.overwrite)
-    device, precision = resolve_device(cfg.device, cfg.precision)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    device, precision, rng = start_run(cfg.device, cfg.precision, cfg.seed, cfg.threads)
 
     regions = load_unlabelled(cfg)
     mean, std = band_stats(regions)
-    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
-    norm = lambda img: (img - m) / s  # noqa: E731
+    norm = normaliser(mean, std)
     n_bands = len(cfg.bands)
     model = create_model(cfg.model.architecture, cfg.model.encoder, n_bands, n_bands, **cfg.model.arch_kwargs)
     origin: dict[str, Any] = {}

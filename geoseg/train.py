@@ -35,6 +35,7 @@ from geoseg.training_data import (
     band_stats,
     class_counts,
     load_regions,
+    normaliser,
     resample,
     scale_side,
 )
@@ -97,6 +98,22 @@ def predict_region(model: Any, x: np.ndarray, spec: ModelSpec, tiling: SegmentCo
 
     valid = np.ones(x.shape[1:], dtype=bool) if valid is None else valid
     return predict_array(predict, x, valid, spec, tiling)
+
+
+def start_run(device: str, precision: str, seed: int, threads: int | None) -> tuple[str, str, np.random.Generator]:
+    """Device and precision resolved, torch seeded and deterministic, the run's numpy generator.
+
+    What every training run (``geoseg train``, ``geoseg pretrain``) does first, so the same seed gives the
+    same weights on CPU.
+    """
+    import torch
+
+    device, precision = resolve_device(device, precision)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return device, precision, np.random.default_rng(seed)
 
 
 def _batch(sampler: WindowSampler, cfg: TrainConfig, norm, rng: np.random.Generator):  # noqa: ANN001, ANN202
@@ -181,20 +198,14 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             raise InputError(f"{paths.state}: no training state to resume from; run without --resume")
     else:
         check_overwrite(cfg.output, cfg.overwrite)
-    device, precision = resolve_device(cfg.device, cfg.precision)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    device, precision, rng = start_run(cfg.device, cfg.precision, cfg.seed, cfg.threads)
 
     train, val = load_regions(cfg)
     mean, std = band_stats(train)
     with rasterio.open(cfg.train[0].image) as src:
         dtype = src.dtypes[0]
     origin: dict[str, Any] = {"training_data": training_data_stats(train, dtype)}  # for the domain guard
-    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
-    norm = lambda img: (img - m) / s  # noqa: E731
+    norm = normaliser(mean, std)
     n_classes = len(cfg.classes)
     counts = class_counts(train, n_classes)
     weights = class_weights_from_counts(counts, cfg.loss.class_weights)

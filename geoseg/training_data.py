@@ -7,6 +7,7 @@ intersect a region's validation window, so no validation pixel is ever trained o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,6 +117,12 @@ def band_stats(regions: list[Region]) -> tuple[list[float], list[float]]:
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 0))
     return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
+def normaliser(mean: list[float], std: list[float]) -> Callable[[np.ndarray], np.ndarray]:
+    """``(image - mean) / std`` per band of a ``(bands, H, W)`` array, in float32."""
+    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
+    return lambda image: (image - m) / s
 
 
 def class_counts(regions: list[Region], n_classes: int) -> np.ndarray:
