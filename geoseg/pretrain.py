@@ -26,7 +26,7 @@ from geoseg.config import AugmentConfig, PretrainConfig, dump_config
 from geoseg.device import autocast
 from geoseg.errors import InputError
 from geoseg.read import open_raster, read_window
-from geoseg.train import start_run
+from geoseg.train import optimiser_step, start_run
 from geoseg.training_data import IGNORE, Region, WindowSampler, augment, band_stats, normaliser, resolve_window
 
 log = logging.getLogger("geoseg")
@@ -35,6 +35,8 @@ log = logging.getLogger("geoseg")
 METADATA_KEY = "geoseg_pretrain"
 #: Windows of the fixed probe batch on which each epoch's reconstruction error is reported.
 PROBE_WINDOWS = 64
+#: Gradient-norm clipping of every step (geoseg train's default).
+GRAD_CLIP = 5.0
 _FLIPS = AugmentConfig(flips=True, rotate90=True)
 
 
@@ -155,13 +157,7 @@ def pretrain_encoder(cfg: PretrainConfig, *, progress: bool = False) -> Pretrain
             opt.zero_grad(set_to_none=True)
             with autocast(device, precision):
                 loss = masked_l1(model(x * ~mk[:, None]).float(), x, mk)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(loss, model, opt, sched, scaler, GRAD_CLIP))
             if bar:
                 bar.advance(bar.task_ids[0])
         row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "probe_l1": round(probe(), 5),

@@ -116,6 +116,20 @@ def start_run(device: str, precision: str, seed: int, threads: int | None) -> tu
     return device, precision, np.random.default_rng(seed)
 
 
+def optimiser_step(loss: Any, model: Any, opt: Any, sched: Any, scaler: Any, grad_clip: float) -> float:
+    """Backpropagate ``loss`` (scaled for fp16), clip the gradient norm to ``grad_clip`` (0: not), step."""
+    import torch
+
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return float(loss.item())
+
+
 def _batch(sampler: WindowSampler, cfg: TrainConfig, norm, rng: np.random.Generator):  # noqa: ANN001, ANN202
     """One training batch ``(x, y)`` as numpy arrays: sampled, normalised, resampled and augmented windows."""
     size = cfg.tile_size
@@ -303,14 +317,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             opt.zero_grad(set_to_none=True)
             with autocast(device, precision):
                 loss = loss_fn(model(xb), yb)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(loss, model, opt, sched, scaler, cfg.grad_clip))
             if bar:
                 bar.advance(bar.task_ids[0])
             elif time.monotonic() - beat >= HEARTBEAT_S:  # a log file hears from a long epoch too
