@@ -7,6 +7,10 @@ area with the evaluation stage's metrics, at the last epoch (no model selection)
 validation epoch (the checkpoint `geoseg train` keeps; optimistic, that choice saw the validation area).
 
     python benchmarks/bench_pretrain.py configs/pretrain-nc-landsat7.yaml configs/train-nc-landsat7.yaml
+    python benchmarks/bench_pretrain.py configs/pretrain-nc-landsat7.yaml configs/train-nc-landsat7.yaml \
+        --set model.architecture=pspnet --set "model.arch_kwargs={}" --seeds 0 1    # another network
+
+``--set`` overrides apply to both configs (the network pretrained is the network fine-tuned).
 
 Needs the real data under ../shared/data (see its README); exits with a message where it is absent.
 """
@@ -34,6 +38,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pretrain-epochs", type=int, default=None, help="override the pretraining epochs")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="config override KEY=VALUE for both configs, e.g. model.architecture=pspnet")
     args = p.parse_args()
     malloc = control_malloc(True)
 
@@ -47,14 +53,15 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-pretrain-"))
     encoder = tmp / "encoder.safetensors"
-    extra = [f"epochs={args.epochs}"] if args.epochs else []
+    extra = [*args.overrides, *([f"epochs={args.epochs}"] if args.epochs else [])]
     try:
-        pcfg = load_config(args.pretrain_config, [f"output={encoder}", *(
+        pcfg = load_config(args.pretrain_config, [f"output={encoder}", *args.overrides, *(
             [f"epochs={args.pretrain_epochs}"] if args.pretrain_epochs else [])], PretrainConfig)
         base = load_config(args.train_config, [f"output={tmp / 'probe.safetensors'}", *extra], TrainConfig)
     except GeosegError as exc:
         sys.exit(f"cannot run this benchmark: {exc} (the real data lives in ../shared/data; see its README)")
-    print(f"machine: {machine()}, bf16 CPU: {cpu_has_bf16()}\nmalloc: {malloc}\npretraining: {args.pretrain_config} "
+    print(f"machine: {machine()}, bf16 CPU: {cpu_has_bf16()}\nmalloc: {malloc}\nnetwork: {pcfg.model.architecture}-"
+          f"{pcfg.model.encoder} {pcfg.model.arch_kwargs}\npretraining: {args.pretrain_config} "
           f"({pcfg.epochs} epochs x {pcfg.steps_per_epoch} steps x {pcfg.batch_size} windows of {pcfg.tile_size} px,"
           f" {pcfg.mask.ratio:.0%} of {pcfg.mask.patch} px patches masked)\ntraining: {args.train_config} "
           f"({base.epochs} epochs x {base.steps_per_epoch} steps x {base.batch_size}), seeds {args.seeds}",
@@ -100,7 +107,7 @@ def main() -> None:
     gains = [b["last_miou"] - a["last_miou"] for a, b in zip(runs[::2], runs[1::2], strict=True)]
     print(f"\npretrained minus scratch, last epoch, per seed: {', '.join(f'{g:+.3f}' for g in gains)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"pretrain-{args.train_config.stem}.json"
+    out = RESULTS / f"pretrain-{args.train_config.stem}-{base.model.architecture}.json"
     out.write_text(json.dumps({"machine": machine(), "malloc": malloc, "pretrain_seconds": pretrain_s,
                                "pretrain_history": pre.history, "runs": runs, "summary": summary}, indent=2,
                               default=float))
