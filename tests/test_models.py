@@ -30,6 +30,12 @@ class ArchitectureContract:
     """The output stride smp's encoder really has (not 2 ** depth: dilated encoders keep 16 or 8)."""
     min_side = 64
     """Smallest tile the network runs on (PAN's pyramid attention pools its deepest features 8x more)."""
+    local = False
+    """Whether a pixel's score depends only on a neighbourhood (convolutions, batch norm in eval mode), so a
+    tile with a halo wider than that gives the full frame's classes. False for networks with image-wide
+    operations: pooling over the whole input (PSPNet's pyramid, ASPP's image pooling, scSE's channel
+    squeeze), attention (Segformer, MAnet, PAN), group norm over the feature map (FPN): their tile is their
+    context, as it is in training."""
 
     @pytest.mark.parametrize("bands", [1, 3, 4, 6])
     def test_builds_and_gives_one_score_per_class_and_pixel(self, bands):
@@ -75,40 +81,57 @@ class ArchitectureContract:
         with torch.inference_mode():
             assert torch.equal(original(x), restored(x))
 
-    def test_runs_tiled_on_its_stride(self, tmp_path):
-        """Tiled in memory exactly as ``geoseg run`` tiles; the fcn (receptive field < halo) equals full frame."""
+    def test_tiled_gives_the_full_frames_classes_on_the_interior(self, tmp_path):
+        """Tiled in memory exactly as ``geoseg run`` tiles, with a halo wider than the receptive field.
+
+        The receptive field is measured (the input pixels the gradient of the centre pixel reaches); a local
+        network then gives the full frame's classes exactly on the interior. A network with image-wide
+        operations reaches the whole input, and is only checked to run tiled (``local`` says which is which).
+        """
         from geoseg.config import SegmentConfig
         from geoseg.segment import predict_array
 
         path = make_checkpoint(tmp_path / "m.safetensors", architecture=self.architecture, encoder=self.encoder,
                                arch_kwargs=self.kwargs)
         spec, state = load_checkpoint(path)
-        model = build_model(spec, state)
-        size = max(self.min_side, 2 * self.stride)
-        # crop: each pixel from the tile whose core holds it, whose context (halo 8) covers the fcn's field (3)
-        cfg = SegmentConfig(model=path, tile={"size": size, "overlap": 16}, stitch={"blend": "crop"})
-        x = np.random.default_rng(0).normal(size=(4, 90, 77)).astype(np.float32)
+        model = build_model(spec, state).eval()
+        probe = 192  # wider than every local network's field (Unet: 65 px each way)
+        x = torch.randn(1, 4, probe, probe, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        model(x)[0, :, probe // 2, probe // 2].sum().backward()
+        rows, cols = torch.nonzero(x.grad.abs().sum((0, 1)) > 0, as_tuple=True)
+        field = int(max(probe // 2 - rows.min(), rows.max() - probe // 2, probe // 2 - cols.min(),
+                        cols.max() - probe // 2))
+        assert (field < probe // 2) == self.local, f"receptive field radius {field} px"
+        # crop blending: each pixel from the tile whose core holds it, with ``halo`` pixels of context
+        halo = -(-(field + 1) // self.stride) * self.stride if self.local else self.stride
+        size = max(self.min_side, 4 * halo)  # the overlap (twice the halo) may be half the tile at most
+        cfg = SegmentConfig(model=path, tile={"size": size, "overlap": 2 * halo}, stitch={"blend": "crop"})
+        h, w = size + 6 * self.stride, size + 4 * self.stride  # full frame: the network's stride divides it
+        image = np.random.default_rng(0).normal(size=(4, h, w)).astype(np.float32)
 
         def predict(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(batch))), 1).numpy()
 
-        tiled = predict_array(predict, x, np.ones((90, 77), bool), spec, cfg)
-        assert tiled.shape == (90, 77) and tiled.min() >= 0 and tiled.max() < 6
-        if self.architecture == "fcn":
+        tiled = predict_array(predict, image, np.ones((h, w), bool), spec, cfg)
+        assert tiled.shape == (h, w) and tiled.min() >= 0 and tiled.max() < 6
+        if self.local:
             with torch.inference_mode():
-                full = model(torch.from_numpy(x)[None]).argmax(1)[0].numpy()
-            assert np.array_equal(tiled[8:-8, 8:-8], full[8:-8, 8:-8])
+                full = model(torch.from_numpy(image)[None]).argmax(1)[0].numpy()
+            inner = (slice(halo, -halo), slice(halo, -halo))
+            assert np.array_equal(tiled[inner], full[inner])
 
 
 class TestUnet(ArchitectureContract):
     architecture = "unet"
+    local = True
     kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
     stride = 8
 
 
 class TestUnetPlusPlus(ArchitectureContract):
     architecture = "unetplusplus"
+    local = True
     kwargs = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
     stride = 8
 
@@ -173,6 +196,7 @@ class TestSegformer(ArchitectureContract):
 
 class TestLinknet(ArchitectureContract):
     architecture = "linknet"
+    local = True
     kwargs = {"encoder_depth": 3}
     stride = 8
 
@@ -197,6 +221,7 @@ class TestUPerNet(ArchitectureContract):
 
 class TestPixelFCN(ArchitectureContract):
     architecture = "fcn"
+    local = True
     encoder = "none"
     kwargs = {"depth": 3, "width": 8}
     stride = 1
