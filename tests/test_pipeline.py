@@ -337,17 +337,93 @@ def test_band_order_mismatch_is_refused_with_the_fix(tmp_path, fcn_checkpoint): 
     assert read_raster(path, ReadConfig(bands=[3, 2, 1, 4]), spec).bands == (3, 2, 1, 4)
 
 
-def test_tta_averages_the_logits_of_the_flips(fcn_checkpoint):  # noqa: ANN001
+def d4_views(tta: str) -> list[tuple[int, bool]]:
+    """The views of each TTA mode, written out independently of geoseg's table."""
+    return {"flips": [(0, False), (0, True), (2, False), (2, True)],
+            "d4": [(k, m) for k in range(4) for m in (False, True)]}[tta]
+
+
+def tta_reference(model, x: np.ndarray, tta: str) -> np.ndarray:  # noqa: ANN001
+    """Class probabilities averaged over the views, with numpy doing the turning: (N, bands, H, W) in."""
+    total = 0
+    for k, mirror in d4_views(tta):
+        v = np.rot90(x[..., ::-1] if mirror else x, k, axes=(-2, -1))
+        with torch.inference_mode():
+            p = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(v))), 1).numpy()
+        p = np.rot90(p, -k, axes=(-2, -1))
+        total = total + (p[..., ::-1] if mirror else p)
+    return total / len(d4_views(tta))
+
+
+def fp32_predictor(checkpoint):  # noqa: ANN001
     from geoseg.fingerprint import model_digest
     from geoseg.segment.predict import ModelKey, Predictor
 
-    pred = Predictor(ModelKey(str(fcn_checkpoint), model_digest(fcn_checkpoint), "cpu", "fp32", False))
+    return Predictor(ModelKey(str(checkpoint), model_digest(checkpoint), "cpu", "fp32", False))
+
+
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_tta_averages_the_probabilities_of_the_views(fcn_checkpoint, tta):  # noqa: ANN001
+    pred = fp32_predictor(fcn_checkpoint)
     x = np.random.default_rng(3).normal(size=(3, 4, 24, 24)).astype(np.float32)
-    t = torch.from_numpy(x)
-    with torch.inference_mode():
-        m = pred.model
-        logits = (m(t) + m(t.flip(-1)).flip(-1) + m(t.flip(-2)).flip(-2) + m(t.flip(-2, -1)).flip(-2, -1)) / 4
-    assert np.allclose(pred.predict(x, batch_size=2, tta=True, threads=1), torch.softmax(logits, 1).numpy(), atol=1e-5)
+    got = pred.predict(x, batch_size=2, tta=tta, threads=1)
+    assert np.allclose(got, tta_reference(pred.model, x, tta), atol=1e-6)
+    assert not np.allclose(got, pred.predict(x, batch_size=2, threads=1), atol=1e-3)  # the views do differ
+
+
+def test_d4_tta_is_exact_for_a_rotation_invariant_model_and_makes_any_model_equivariant(fcn_checkpoint):  # noqa: ANN001
+    pred = fp32_predictor(fcn_checkpoint)
+    x = np.random.default_rng(4).normal(size=(2, 4, 32, 32)).astype(np.float32)
+    # Any model under d4: turning or mirroring the input turns or mirrors the probabilities.
+    d4 = pred.predict(x, tta="d4", threads=1)
+    turned = np.ascontiguousarray(np.rot90(x[..., ::-1], 1, axes=(-2, -1)))
+    assert np.allclose(pred.predict(turned, tta="d4", threads=1), np.rot90(d4[..., ::-1], 1, axes=(-2, -1)),
+                       atol=1e-6)
+    # A model that is itself invariant (kernels with the square's symmetries): the views add nothing.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    with torch.no_grad():
+        w = conv.weight
+        conv.weight.copy_(sum(torch.rot90(w.flip(-1) if m else w, k, (-2, -1)) for k in range(4)
+                              for m in (False, True)) / 8)
+    pred.model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Conv2d(8, pred.n_classes, 1)).eval()
+    plain, d4 = pred.predict(x, threads=1), pred.predict(x, tta="d4", threads=1)
+    assert np.allclose(d4, plain, atol=1e-6) and np.array_equal(d4.argmax(1), plain.argmax(1))
+
+
+def test_tta_is_seamless_and_does_not_depend_on_chunking(tmp_path, client, fcn_checkpoint):  # noqa: ANN001
+    """d4 through the pipeline's tiling and blending agrees with d4 over the whole frame at once."""
+    from geoseg.sample import make_sample
+
+    sample = make_sample(tmp_path / "s", 384, seed=12)
+    with rasterio.open(sample.image) as src:
+        image, valid = src.read(), src.read_masks(1) > 0
+    spec, state = load_checkpoint(fcn_checkpoint)
+    x = (image.astype(np.float32) - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
+    x[:, ~valid] = 0
+    expected = spec.classes.index_to_id()[tta_reference(build_model(spec, state), x[None], "d4")[0].argmax(0)]
+
+    def run(name, chunk_tiles):  # noqa: ANN001
+        cfg = pipeline_config(sample.image, fcn_checkpoint, tmp_path / name, infer={"tta": "d4"},
+                              tile={"size": 128, "overlap": 32, "chunk_tiles": chunk_tiles})
+        return read(run_pipeline(cfg, client=client).landcover)
+
+    out = run("a", 1)
+    assert np.array_equal(out, run("b", 2))
+    disagree = (out != expected) & valid
+    assert 1 - disagree[valid].mean() >= 0.999
+    stride = 128 - 32
+    near = np.minimum(np.arange(384) % stride, stride - np.arange(384) % stride) <= 16
+    seams = (near[:, None] | near[None, :]) & valid
+    assert disagree[seams].mean() <= 2 * disagree[~seams & valid].mean() + 1e-3
+
+
+def test_tta_true_in_an_older_config_means_the_flips(tmp_path, fcn_checkpoint):  # noqa: ANN001
+    from geoseg.config import InferConfig
+
+    src, _ = random_scene(tmp_path, (8, 8))
+    assert pipeline_config(src, fcn_checkpoint, tmp_path / "o", infer={"tta": True}).infer.tta == "flips"
+    assert InferConfig(tta=False).tta == InferConfig().tta == "none"
 
 
 @pytest.mark.real_data

@@ -96,10 +96,11 @@ def test_the_device_path_blends_as_the_host_path_does(tmp_path, unet_checkpoint,
         layout = AccumulatorLayout(grid, 6)
         path = str(tmp_path / f"a{on_device}.zarr")
         layout.create(path)
-        for blend in ("crop", "cosine"):
+        for blend, tta in (("crop", "none"), ("cosine", "none"), ("crop", "d4")):
             n = infer_chunk(str(tmp_path / "t.zarr"), path, layout, 0, 0, key,
-                            InferSettings(batch_size=3, blend=blend, threads=1, on_device=on_device), 1)
+                            InferSettings(batch_size=3, tta=tta, blend=blend, threads=1, on_device=on_device), 1)
             assert n == 4
-            sums[on_device, blend] = zarr.open_group(path)["core"][:]
-    for blend in ("crop", "cosine"):
-        assert np.allclose(sums[True, blend], sums[False, blend], atol=1e-5)
+            sums[on_device, blend, tta] = zarr.open_group(path)["core"][:]
+    for blend, tta in (("crop", "none"), ("cosine", "none"), ("crop", "d4")):
+        assert np.allclose(sums[True, blend, tta], sums[False, blend, tta], atol=1e-5)
+    assert not np.allclose(sums[False, "crop", "d4"], sums[False, "crop", "none"], atol=1e-3)

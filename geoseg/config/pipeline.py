@@ -85,10 +85,19 @@ class InferConfig(_Config):
     )
     channels_last: bool | None = Field(
         None, description="Channels-last memory format for the convolutions (unset: on; same classes, faster).")
-    tta: bool = Field(False, description="Test-time augmentation: average the logits of the tile and its flips.")
+    tta: Literal["none", "flips", "d4"] = Field(
+        "none", description="Test-time augmentation: average the class probabilities of each tile over its flips "
+        "('flips': 4 passes) or its eight rotations and flips ('d4': 8 passes), inside the same blending.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per task; default: cores / (workers x threads per worker)."
     )
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_from_bool(cls, v: Any) -> Any:
+        # Configs written before the modes existed said `tta: true` for the four flips.
+        return {True: "flips", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 class StitchConfig(_Config):

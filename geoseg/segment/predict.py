@@ -41,6 +41,37 @@ def _use_threads(threads: int | None) -> None:
             torch.set_num_threads(threads)
 
 
+#: Test-time augmentation: the views of a tile, each (quarter turns, mirror the columns first). 'flips' is
+#: the tile, its two mirrors and their product (a half turn); 'd4' all eight symmetries of the square.
+TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, True), (2, False)),
+    "d4": tuple((k, m) for k in range(4) for m in (False, True)),
+}
+
+
+def _probabilities(forward: Callable[[Any], Any], x: Any, tta: str) -> Any:
+    """Softmax class probabilities of the tiles ``x`` (N, bands, H, W), averaged over the views of ``tta``.
+
+    Each view's probabilities are turned back onto the tile before they are averaged, so the average is
+    per pixel of the tile, and the blending that follows sees one probability tile as without augmentation.
+    """
+    import torch
+
+    views = TTA_VIEWS[tta]
+    if len(views) > 4 and x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"tta {tta!r} turns tiles a quarter turn and needs square tiles, not {tuple(x.shape[-2:])}")
+    total = None
+    for turns, mirror in views:
+        v = x.flip(-1) if mirror else x
+        v = torch.rot90(v, turns, (-2, -1)) if turns else v
+        p = torch.softmax(forward(v).float(), dim=1)
+        p = torch.rot90(p, -turns, (-2, -1)) if turns else p
+        p = p.flip(-1) if mirror else p
+        total = p if total is None else total + p
+    return total / len(views) if len(views) > 1 else total
+
+
 @dataclass(frozen=True)
 class ModelKey:
     """What identifies a loaded model on a worker."""
@@ -92,11 +123,20 @@ class Predictor:
         x[:, ~valid] = 0.0
         return x
 
-    def predict(self, tiles: np.ndarray, batch_size: int = 2, tta: bool = False,
+    def forward(self, x: Any) -> Any:
+        """Logits of tiles already on the device, in the model's memory format and precision."""
+        import torch
+
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(x)
+
+    def predict(self, tiles: np.ndarray, batch_size: int = 2, tta: str = "none",
                 threads: int | None = None, done: Callable[[int], None] | None = None) -> np.ndarray:
         """Class probabilities (N, classes, H, W) float32 for normalised tiles (N, bands, H, W).
 
-        ``threads``: intra-op threads (None: torch's own). ``done`` hears of each batch's tile count as it finishes.
+        ``tta``: a key of :data:`TTA_VIEWS`. ``threads``: intra-op threads (None: torch's own). ``done`` hears
+        of each batch's tile count as it finishes.
         """
         import torch
 
@@ -105,22 +145,14 @@ class Predictor:
         with torch.inference_mode():
             for s in range(0, len(tiles), batch_size):
                 x = torch.from_numpy(tiles[s : s + batch_size]).to(self.device, non_blocking=True)
-                x = x.contiguous(memory_format=self.memory_format)
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                                    enabled=self.dtype is not None):
-                    logits = self.model(x).float()
-                    if tta:
-                        for dims in ((-1,), (-2,), (-2, -1)):
-                            logits += self.model(x.flip(dims)).float().flip(dims)
-                        logits /= 4
-                out[s : s + batch_size] = torch.softmax(logits, dim=1).cpu().numpy()
+                out[s : s + batch_size] = _probabilities(self.forward, x, tta).cpu().numpy()
                 if done is not None:
                     done(len(x))
         return out
 
 
     def blend_on_device(self, data: np.ndarray, valid: np.ndarray, offsets: list[tuple[int, int]],
-                        weights: list[np.ndarray], out: tuple[int, int, int, int], batch_size: int, tta: bool,
+                        weights: list[np.ndarray], out: tuple[int, int, int, int], batch_size: int, tta: str,
                         threads: int | None = None, done: Callable[[int], None] | None = None) -> np.ndarray:
         """Weighted probability sums of tiles, computed where the model is (the GPU path; runs on CPU too).
 
@@ -150,14 +182,7 @@ class Predictor:
             for s in range(0, len(offsets), batch_size):
                 part = offsets[s : s + batch_size]
                 tiles = torch.stack([x[:, r : r + size, c : c + size] for r, c in part])
-                tiles = tiles.contiguous(memory_format=self.memory_format)
-                with torch.autocast(dev.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                    logits = self.model(tiles).float()
-                    if tta:
-                        for dims in ((-1,), (-2,), (-2, -1)):
-                            logits += self.model(tiles.flip(dims)).float().flip(dims)
-                        logits /= 4
-                probs = torch.softmax(logits, dim=1)
+                probs = _probabilities(self.forward, tiles, tta)
                 for (r, c), p, w in zip(part, probs, weights[s : s + batch_size]):
                     r0, c0 = max(r, o_r), max(c, o_c)
                     r1, c1 = min(r + size, o_r + o_h), min(c + size, o_c + o_w)

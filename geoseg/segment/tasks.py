@@ -24,7 +24,8 @@ class InferSettings:
     """Per-call inference settings (not part of a loaded model's identity)."""
 
     batch_size: int = 4
-    tta: bool = False
+    tta: str = "none"
+    """A key of :data:`geoseg.segment.predict.TTA_VIEWS`."""
     threads: int | None = None
     """Intra-op threads of each inference task (None: torch's default). Fixed, never adapted to how many
     tasks run at once: some models' forward pass is not bit-identical across thread counts, and results
