@@ -69,6 +69,7 @@ def _probabilities(forward: Callable[[Any], Any], x: Any, tta: str) -> Any:
         p = torch.rot90(p, -turns, (-2, -1)) if turns else p
         p = p.flip(-1) if mirror else p
         total = p if total is None else total + p
+    assert total is not None  # every mode has a view
     return total / len(views) if len(views) > 1 else total
 
 
