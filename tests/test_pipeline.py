@@ -16,12 +16,14 @@ from geoseg.pipeline import run_pipeline
 from tests.conftest import make_checkpoint, pipeline_config, write_raster
 
 
-def full_frame(checkpoint, image: np.ndarray, valid: np.ndarray) -> np.ndarray:  # noqa: ANN001
-    """Reference: one forward pass over the whole scene, mapped to class ids."""
+def full_frame(checkpoint, image: np.ndarray, valid: np.ndarray, tta: str = "none") -> np.ndarray:  # noqa: ANN001
+    """Reference: one forward pass over the whole scene (one per view with ``tta``), mapped to class ids."""
     spec, state = load_checkpoint(checkpoint)
     model = build_model(spec, state)
     x = (image.astype(np.float32) - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
     x[:, ~valid] = 0
+    if tta != "none":
+        return spec.classes.index_to_id()[tta_reference(model, x[None], tta)[0].argmax(0)]
     with torch.inference_mode():
         index = model(torch.from_numpy(x)[None]).argmax(1)[0].numpy()
     return spec.classes.index_to_id()[index]
@@ -398,10 +400,7 @@ def test_tta_is_seamless_and_does_not_depend_on_chunking(tmp_path, client, fcn_c
     sample = make_sample(tmp_path / "s", 384, seed=12)
     with rasterio.open(sample.image) as src:
         image, valid = src.read(), src.read_masks(1) > 0
-    spec, state = load_checkpoint(fcn_checkpoint)
-    x = (image.astype(np.float32) - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
-    x[:, ~valid] = 0
-    expected = spec.classes.index_to_id()[tta_reference(build_model(spec, state), x[None], "d4")[0].argmax(0)]
+    expected = full_frame(fcn_checkpoint, image, valid, tta="d4")
 
     def run(name, chunk_tiles):  # noqa: ANN001
         cfg = pipeline_config(sample.image, fcn_checkpoint, tmp_path / name, infer={"tta": "d4"},
