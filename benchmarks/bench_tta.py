@@ -30,11 +30,12 @@ MODES = ("none", "flips", "d4")
 
 
 def validation_reference(labels: Path, row_off: int, height: int | None, nodata: int, out: Path) -> Path:
-    """A copy of ``labels`` keeping only the validation rows (the others become ``nodata``)."""
+    """A copy of ``labels`` keeping only the validation rows (the others become the map's nodata, else ``nodata``)."""
     import rasterio
 
     with rasterio.open(labels) as src:
         data, profile = src.read(1), src.profile
+        nodata = int(src.nodata) if src.nodata is not None else nodata
     keep = np.zeros(data.shape, bool)
     keep[row_off : None if height is None else row_off + height] = True
     data[~keep] = nodata
