@@ -46,9 +46,7 @@ def model_metrics(checkpoint_or_state: Path, spec, val, tiling) -> dict:  # noqa
         state = torch.load(checkpoint_or_state, map_location="cpu", weights_only=True)["model"]
     else:
         state = load_checkpoint(checkpoint_or_state)[1]
-    model = build_model(spec, state)
-    m, s = np.float32(spec.mean)[:, None, None], np.float32(spec.std)[:, None, None]
-    return validate(model, [((r.image - m) / s, r.target) for r in val], spec, tiling, "cpu", "fp32").to_dict()
+    return validate(build_model(spec, state), val, spec, tiling, "cpu", "fp32").to_dict()
 
 
 def pixels(regions, trainable: bool, limit: int | None, rng: np.random.Generator):  # noqa: ANN001, ANN202

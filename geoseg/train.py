@@ -30,6 +30,7 @@ from geoseg.evaluate import Metrics, confusion_matrix
 from geoseg.models import ModelSpec
 from geoseg.training_data import (
     IGNORE,
+    Region,
     WindowSampler,
     augment,
     band_stats,
@@ -77,27 +78,26 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def predict_region(model: Any, x: np.ndarray, spec: ModelSpec, tiling: SegmentConfig, *, device: str = "cpu",
-                   precision: str = "fp32", valid: np.ndarray | None = None) -> np.ndarray:
-    """Class indexes of a normalised image (bands, H, W), tiled and blended exactly as ``geoseg run`` does.
+def predict_region(model: Any, region: Region, spec: ModelSpec, tiling: SegmentConfig, *, device: str = "cpu",
+                   precision: str = "fp32", threads: int | None = None) -> np.ndarray:
+    """Class indexes of a region's raw bands, normalised, tiled, inferred and blended as ``geoseg run`` does.
 
-    ``tiling`` carries the tile size, overlap and blend (the validation section of the training config).
-    Pixels where ``valid`` is False get -1.
+    One code path with the pipeline: the checkpoint normalisation and nodata rule of its predictor, its
+    batches, memory format and test-time augmentation (``tiling.infer``; device and precision are the
+    arguments), and its tiling and blending (``tiling.tile``, ``tiling.stitch``). ``model`` is copied, so a
+    model still training keeps its mode and memory format. Image nodata gets -1.
     """
-    import torch
+    import copy
 
     from geoseg.segment import predict_array
+    from geoseg.segment.predict import Predictor
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.inference_mode(), autocast(device, precision):
-            for k in range(0, len(batch), 4):
-                t = torch.from_numpy(np.ascontiguousarray(batch[k : k + 4])).to(device)
-                out.append(torch.softmax(model(t).float(), 1).cpu().numpy())
-        return np.concatenate(out)
-
-    valid = np.ones(x.shape[1:], dtype=bool) if valid is None else valid
-    return predict_array(predict, x, valid, spec, tiling)
+    infer = tiling.infer
+    channels_last = True if infer.channels_last is None else infer.channels_last
+    predictor = Predictor.in_memory(copy.deepcopy(model), spec, device, precision, channels_last)
+    valid = np.ones(region.image.shape[1:], dtype=bool) if region.valid is None else region.valid
+    x = predictor.normalize(region.image, valid)
+    return predict_array(lambda b: predictor.predict(b, infer.batch_size, infer.tta, threads), x, valid, spec, tiling)
 
 
 def start_run(device: str, precision: str, seed: int, threads: int | None) -> tuple[str, str, np.random.Generator]:
@@ -180,13 +180,18 @@ def _check_init(cfg: TrainConfig) -> None:
                           "these to fine-tune it")
 
 
-def validate(model: Any, regions: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec, tiling: SegmentConfig,
-             device: str, precision: str) -> Metrics:
-    """Metrics of the model over the validation regions (normalised image, targets), tiled as users run it."""
+def validate(model: Any, regions: list[Region], spec: ModelSpec, tiling: SegmentConfig, device: str,
+             precision: str, threads: int | None = None) -> Metrics:
+    """Metrics of the model over the validation regions, predicted as ``geoseg run`` predicts a scene.
+
+    Each region is predicted as a scene of its own (no context from outside it), so the score is what
+    ``geoseg run`` on the region's raster and ``geoseg evaluate`` against its labels report.
+    """
     n = len(spec.classes)
     total = Metrics.empty(spec.classes)
-    for x, target in regions:
-        pred = predict_region(model, x, spec, tiling, device=device, precision=precision)
+    for region in regions:
+        target = region.target
+        pred = predict_region(model, region, spec, tiling, device=device, precision=precision, threads=threads)
         # IGNORE (255) lies outside the class range
         total = total.merge(Metrics(confusion_matrix(target, pred, n), spec.classes))
     return total
@@ -264,7 +269,6 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     sampler = WindowSampler(train, n_classes, rng, class_balanced=cfg.sampling.class_balanced,
                             min_labelled=cfg.sampling.min_labelled)
-    val_norm = [(norm(r.image), r.target) for r in val]
     data = [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]}
             for sc in cfg.train]
 
@@ -296,7 +300,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
 
     log.info("training %s/%s: epochs %d-%d of %d steps x %d windows of %d px on %s (%s); validation on %d regions",
              cfg.model.architecture, cfg.model.encoder, start, cfg.epochs, cfg.steps_per_epoch, cfg.batch_size,
-             cfg.tile_size, device, precision, len(val_norm))
+             cfg.tile_size, device, precision, len(val))
     bar = progress_bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, "training", progress)
     started = time.perf_counter() - elapsed0
     stopped_early = False
@@ -325,7 +329,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
                 log.info("epoch %d: step %d/%d, loss %.4f", epoch, step, cfg.steps_per_epoch,
                          float(np.mean(losses[-20:])))
         model.eval()
-        scores = validate(model, val_norm, spec, tiling, device, precision)
+        scores = validate(model, val, spec, tiling, device, precision, cfg.threads)
         metrics = scores.to_dict()
         miou = metrics["mean_iou"] if metrics["mean_iou"] is not None else float("nan")
         row: dict[str, Any] = {
@@ -361,50 +365,41 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     if bar:
         bar.stop()
     if best_epoch:
-        record_precision_check(cfg.output, val_norm, tiling)
+        record_precision_check(cfg.output, val, tiling, cfg.threads)
     return TrainResult(cfg.output, best_epoch, best_miou, history, stopped_early)
 
 
-def precision_check(model: Any, regions: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec,
-                    tiling: SegmentConfig) -> dict[str, Any]:
-    """How the model's classes change in bf16 (channels-last, CPU): what ``precision: auto`` is guarded by.
+def precision_check(model: Any, regions: list[Region], spec: ModelSpec, tiling: SegmentConfig,
+                    threads: int | None = None) -> dict[str, Any]:
+    """How the model's classes change in bf16 (CPU): what ``precision: auto`` is guarded by.
 
-    The validation regions are predicted in fp32 and in bf16; the record holds the share of labelled pixels
-    classified alike and both mIoUs.
+    The validation regions are predicted in fp32 and in bf16 (both as ``geoseg run`` predicts, in its
+    memory format); the record holds the share of labelled pixels classified alike and both mIoUs.
     """
-    import torch
-
-    from geoseg.training_data import IGNORE
-
+    scores = {p: [predict_region(model, r, spec, tiling, precision=p, threads=threads) for r in regions]
+              for p in ("fp32", "bf16")}
     same, total = 0, 0
-    scores = {}
-    for precision in ("fp32", "bf16"):
-        fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
-        net = model.to(memory_format=fmt)
-        preds = [predict_region(net, x, spec, tiling, precision=precision) for x, _ in regions]
-        scores[precision] = preds
-    model.to(memory_format=torch.contiguous_format)
     metrics = {p: Metrics.empty(spec.classes) for p in scores}
-    for k, (_, target) in enumerate(regions):
-        keep = target != IGNORE
+    for k, region in enumerate(regions):
+        keep = region.target != IGNORE
         a, b = scores["fp32"][k], scores["bf16"][k]
         same += int((a == b)[keep].sum())
         total += int(keep.sum())
         for p in scores:
-            metrics[p] = metrics[p].merge(Metrics(confusion_matrix(target, scores[p][k], len(spec.classes)),
+            metrics[p] = metrics[p].merge(Metrics(confusion_matrix(region.target, scores[p][k], len(spec.classes)),
                                                   spec.classes))
     return {"bf16_agreement": same / total if total else None, "pixels": total,
             "fp32_miou": metrics["fp32"].mean_iou, "bf16_miou": metrics["bf16"].mean_iou}
 
 
-def record_precision_check(checkpoint: Path, regions: list[tuple[np.ndarray, np.ndarray]],
-                           tiling: SegmentConfig) -> None:
+def record_precision_check(checkpoint: Path, regions: list[Region], tiling: SegmentConfig,
+                           threads: int | None = None) -> None:
     """Write :func:`precision_check` of the saved checkpoint into its provenance."""
     from geoseg.models import build_model, load_checkpoint, save_checkpoint
 
     spec, state = load_checkpoint(checkpoint)
     model = build_model(spec, state)
-    check = precision_check(model, regions, spec, tiling)
+    check = precision_check(model, regions, spec, tiling, threads)
     log.info("bf16 check: %.4f%% of validation pixels classified as in fp32 (mIoU %.4f vs %.4f)",
              100 * (check["bf16_agreement"] or 0), check["bf16_miou"] or 0, check["fp32_miou"] or 0)
     save_checkpoint(checkpoint, model, spec.model_copy(update={

@@ -30,6 +30,8 @@ class Region:
     name: str
     exclude: Window | None = None
     """Validation window inside this region: no training window may intersect it."""
+    valid: np.ndarray | None = None
+    """Image pixels that are not nodata ``(H, W)`` (None: all): validation predicts as ``geoseg run`` does."""
     _trainable: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -58,8 +60,8 @@ def label_lut(cfg: TrainConfig, max_code: int) -> np.ndarray:
     return lut
 
 
-def load_scene(scene: SceneConfig, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Bands (float32) and class-index targets of a scene; nodata in either raster becomes IGNORE."""
+def load_scene(scene: SceneConfig, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bands (float32), class-index targets and the image's valid mask; nodata in either raster is IGNORE."""
     bands = tuple(b.index for b in cfg.bands)
     with open_raster(scene.image) as img, open_raster(scene.labels) as lab:
         if (img.width, img.height) != (lab.width, lab.height) or img.transform != lab.transform:
@@ -74,7 +76,7 @@ def load_scene(scene: SceneConfig, cfg: TrainConfig) -> tuple[np.ndarray, np.nda
     lut = label_lut(cfg, int(labels.max(initial=0)))
     target = lut[labels.astype(np.int64).clip(0, len(lut) - 1)]
     target[~(valid & label_valid)] = IGNORE
-    return data.astype(np.float32), target
+    return data.astype(np.float32), target, valid
 
 
 def resolve_window(w: WindowConfig, height: int, width: int, source: str) -> Window:
@@ -90,16 +92,17 @@ def load_regions(cfg: TrainConfig) -> tuple[list[Region], list[Region]]:
     """Training regions (each with its validation window excluded) and validation regions."""
     train, val = [], []
     for scene in cfg.train:
-        image, target = load_scene(scene, cfg)
+        image, target, valid = load_scene(scene, cfg)
         exclude = None
         if cfg.validation.window is not None:
             exclude = resolve_window(cfg.validation.window, image.shape[1], image.shape[2], str(scene.image))
             rows, cols = exclude.toslices()
-            val.append(Region(image[:, rows, cols], target[rows, cols], f"{scene.image.name}:window"))
-        train.append(Region(image, target, scene.image.name, exclude))
+            val.append(Region(image[:, rows, cols], target[rows, cols], f"{scene.image.name}:window",
+                              valid=valid[rows, cols]))
+        train.append(Region(image, target, scene.image.name, exclude, valid=valid))
     for scene in cfg.validation.scenes:
-        image, target = load_scene(scene, cfg)
-        val.append(Region(image, target, scene.image.name))
+        image, target, valid = load_scene(scene, cfg)
+        val.append(Region(image, target, scene.image.name, valid=valid))
     if not any(r.trainable.any() for r in train):
         raise InputError("training scenes hold no labelled pixel outside the validation window")
     return train, val

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -63,31 +65,65 @@ def test_training_learns_and_is_reproducible(train_yaml, tmp_path):  # noqa: ANN
 
 def test_validation_mious_are_the_evaluation_metrics(train_yaml, sample_scene):  # noqa: ANN001
     """The per-epoch validation numbers are the evaluate stage's, recomputed here independently."""
-    import torch
+    import rasterio
 
+    from geoseg.config import SegmentConfig
     from geoseg.models import build_model
     from geoseg.train import predict_region
 
     result = train_model(train_yaml(epochs=1))
     spec, state = load_checkpoint(result.checkpoint)
-    model = build_model(spec, state)
-    import rasterio
-
     with rasterio.open(sample_scene.image) as img, rasterio.open(sample_scene.labels) as lab:
         image = img.read()[:, 200:300].astype(np.float32)
+        valid = img.read_masks(1)[200:300] > 0
         labels = lab.read(1)[200:300]
-    x = (image - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
-    x[:, labels == 0] = 0
-    from geoseg.config import SegmentConfig
-
-    with torch.inference_mode():
-        pred = predict_region(model, x, spec, SegmentConfig(model=result.checkpoint))
+    pred = predict_region(build_model(spec, state), Region(image, labels, "val", valid=valid), spec,
+                          SegmentConfig(model=result.checkpoint), threads=2)
     ious = []
     for k, c in enumerate(CLASSES):
         truth, guess = (labels == c["id"]), (pred == k) & (labels != 0)
         if truth.any():
             ious.append((truth & guess).sum() / (truth | guess).sum())
-    assert result.history[0]["val_miou"] == pytest.approx(np.mean(ious), abs=1e-5)
+    assert result.best_miou == pytest.approx(np.mean(ious), abs=1e-12)
+
+
+def _crop(src_path, dst_path, window: Window):  # noqa: ANN001, ANN202
+    """The ``window`` of a raster as a GeoTIFF of its own (same bands, nodata and georeferencing)."""
+    import rasterio
+
+    with rasterio.open(src_path) as src:
+        profile = {**src.profile, "height": int(window.height), "width": int(window.width),
+                   "transform": src.window_transform(window)}
+        with rasterio.open(dst_path, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    return dst_path
+
+
+def test_validation_score_is_run_plus_evaluate_on_the_validation_area(train_yaml, sample_scene, tmp_path,
+                                                                      client):  # noqa: ANN001
+    """The kept checkpoint's validation metrics are what `geoseg run` + evaluate report on that area, exactly."""
+    from geoseg.pipeline import run_pipeline
+    from tests.conftest import pipeline_config
+
+    cfg = train_yaml(model={"architecture": "unet", "encoder": "resnet18",
+                            "arch_kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
+                     epochs=2, steps_per_epoch=5, validation={"window": {"row_off": 0, "height": 100},
+                                                              "tile": {"size": 64, "overlap": 16}})
+    result = train_model(cfg)
+    spec, _ = load_checkpoint(result.checkpoint)
+    window = Window(0, 0, 340, 100)  # holds the sample's nodata corner: the pipeline's rule for it is kept too
+    image = _crop(sample_scene.image, tmp_path / "val-image.tif", window)
+    labels = _crop(sample_scene.labels, tmp_path / "val-labels.tif", window)
+    run = run_pipeline(pipeline_config(image, result.checkpoint, tmp_path / "run", tile={"size": 64, "overlap": 16},
+                                       infer={"precision": "fp32", "torch_threads": 2},
+                                       vectorize={"enabled": False},
+                                       evaluate={"reference": str(labels), "ignore": [0]}), client=client)
+    kept = spec.provenance
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert kept["epoch"] == result.best_epoch
+    assert metrics["confusion_matrix"] == kept["val_confusion_matrix"]
+    assert metrics["mean_iou"] == kept["val_miou"] == result.best_miou
+    assert [c["iou"] for c in metrics["classes"]] == [c["iou"] for c in kept["val_metrics"]["classes"]]
 
 
 @pytest.mark.parametrize("balanced", [False, True], ids=["uniform", "class-balanced"])
@@ -221,31 +257,3 @@ def test_unlabelled_pixels_are_ignored():
     region = Region(np.zeros((1, 40, 40), np.float32), target, "empty")
     with pytest.raises(InputError):
         WindowSampler([region], 2, np.random.default_rng(0)).sample(16)
-
-
-
-def test_validation_predicts_as_geoseg_run_does(tmp_path, client, unet_checkpoint, sample_scene):
-    """Checkpoints are chosen on what users run: predict_region tiles and blends as the pipeline does."""
-    import rasterio
-
-    from geoseg.config import SegmentConfig
-    from geoseg.models import build_model
-    from geoseg.pipeline import run_pipeline
-    from geoseg.train import predict_region
-    from tests.conftest import pipeline_config
-
-    tile = {"size": 128, "overlap": 32}
-    spec, state = load_checkpoint(unet_checkpoint)
-    with rasterio.open(sample_scene.image) as src:
-        image, valid = src.read().astype(np.float32), src.read_masks(1) > 0
-    x = (image - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
-    x[:, ~valid] = 0
-    pred = predict_region(build_model(spec, state), x, spec, SegmentConfig(model=unet_checkpoint, tile=tile),
-                          valid=valid)
-    cfg = pipeline_config(sample_scene.image, unet_checkpoint, tmp_path / "o", tile=tile, vectorize={"enabled": False})
-    with rasterio.open(run_pipeline(cfg, client=client).landcover) as out:
-        ids = out.read(1)
-    expected = np.where(ids == 255, -1, np.searchsorted(spec.classes.ids, ids))
-    # Only summation order and batch sizes differ (an untrained net has near-ties: 13 of 102,000 pixels here);
-    # the crop loop validation used before disagreed on 2.2% of them.
-    assert (pred == expected).mean() >= 0.999

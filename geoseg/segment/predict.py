@@ -26,6 +26,8 @@ from geoseg.errors import CheckpointError
 if TYPE_CHECKING:
     from distributed import Client
 
+    from geoseg.models import ModelSpec
+
 _MODELS: OrderedDict[ModelKey, Predictor] = OrderedDict()
 _LOCK = threading.Lock()
 #: Models kept per worker process (two scenes of a batch with different models run side by side).
@@ -95,8 +97,6 @@ class Predictor:
     """A model on a device with its input normalisation: numpy tiles in, class probabilities out."""
 
     def __init__(self, key: ModelKey) -> None:
-        import torch
-
         from geoseg._io import file_digest
         from geoseg.models import build_model, load_checkpoint
 
@@ -104,14 +104,29 @@ class Predictor:
             raise CheckpointError(f"{key.checkpoint}: changed since the run started (another file under the same "
                                   "name); rerun to use the new model")
         spec, state = load_checkpoint(key.checkpoint)
+        self._setup(build_model(spec, state), spec, key)
+
+    def _setup(self, model: Any, spec: ModelSpec, key: ModelKey) -> None:
+        import torch
+
         self.spec = spec
         self.key = key
         self.device = torch.device(key.device)
         self.dtype = reduced_dtype(key.precision)
         self.memory_format = torch.channels_last if key.channels_last else torch.contiguous_format
-        self.model = build_model(spec, state).to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
         self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+
+    @classmethod
+    def in_memory(cls, model: Any, spec: ModelSpec, device: str, precision: str, channels_last: bool) -> Predictor:
+        """A predictor of a model held in memory (validation during training), used in eval mode.
+
+        ``model`` is moved to the device and memory format in place: pass a copy of a model still training.
+        """
+        self = cls.__new__(cls)
+        self._setup(model.eval(), spec, ModelKey("<memory>", "", device, precision, channels_last))
+        return self
 
     @property
     def n_classes(self) -> int:
