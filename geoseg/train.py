@@ -48,7 +48,7 @@ HEARTBEAT_S = 30.0
 
 #: What a training state must share with the config it resumes under.
 _STATE_KEYS = ("model", "bands", "classes", "ignore_codes", "train", "validation", "tile_size", "batch_size",
-               "steps_per_epoch", "loss", "sampling", "augment", "seed")
+               "steps_per_epoch", "loss", "sampling", "augment", "seed", "selection", "swa_epochs", "ema_decay")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class TrainResult:
     best_miou: float
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    selection: str = "best"
+    selected_miou: float | None = None
+    """Validation mIoU of the weights kept (None after a refit: the validation area was trained on)."""
 
 
 def predict_region(model: Any, region: Region, spec: ModelSpec, tiling: SegmentConfig, *, device: str = "cpu",
@@ -197,12 +200,115 @@ def validate(model: Any, regions: list[Region], spec: ModelSpec, tiling: Segment
     return total
 
 
-def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = False) -> TrainResult:
-    """Train, validate every epoch and keep the best checkpoint at ``cfg.output``.
+def holdout_path(output: Path) -> Path:
+    """Where a refit run keeps the checkpoint of its first, held-out run: ``NAME.holdout.safetensors``."""
+    return output.with_name(f"{output.stem}.holdout{output.suffix}")
 
-    With ``resume``, continue from the training state of an earlier run of the same config (written after
-    every epoch); the result is the one the uninterrupted run would have given.
+
+def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = False) -> TrainResult:
+    """Train, validate every epoch and keep the weights ``cfg.selection`` names at ``cfg.output``.
+
+    With ``cfg.refit``, a first run on the training area (its checkpoint kept as :func:`holdout_path`)
+    chooses the epoch count, and a second run from the start on all labelled pixels trains that many
+    epochs; its weights are the checkpoint. With ``resume``, continue from the training state of an earlier
+    run of the same config (written after every epoch); the result is the one the uninterrupted run would
+    have given.
     """
+    if not cfg.refit:
+        return _train(cfg, resume=resume, progress=progress)
+    first_cfg = cfg.model_copy(update={"output": holdout_path(cfg.output), "refit": False})
+    if not resume:  # both refused before an hour of training, not after
+        check_overwrite(cfg.output, cfg.overwrite)
+        check_overwrite(first_cfg.output, cfg.overwrite)
+    first = _finished(first_cfg) if resume else None
+    if first is None:
+        first = _train(first_cfg, resume=resume and TrainPaths.for_output(first_cfg.output).state.exists(),
+                       progress=progress)
+    epochs = first.best_epoch if cfg.selection == "best" else int(first.history[-1]["epoch"])
+    log.info("refit on all labelled pixels for %d epochs (the held-out run's %s)", epochs,
+             f"best epoch, validation mIoU {first.best_miou:.4f}" if cfg.selection == "best" else "epochs")
+    final = cfg.model_copy(update={"refit": False, "epochs": epochs, "patience": None,
+                                   "selection": "last" if cfg.selection == "best" else cfg.selection})
+    return _train(final, resume=resume and TrainPaths.for_output(cfg.output).state.exists(), progress=progress,
+                  refit_of=first)
+
+
+def _finished(cfg: TrainConfig) -> TrainResult | None:
+    """The result of a run of ``cfg`` that trained to its end (from its state and checkpoint), else None."""
+    from geoseg.models import read_model_spec
+
+    paths = TrainPaths.for_output(cfg.output)
+    if not (paths.state.exists() and paths.checkpoint.exists()):
+        return None
+    state = _load_state(paths.state, cfg)
+    if state["epoch"] < cfg.epochs and not state["stopped_early"]:
+        return None
+    kept = read_model_spec(paths.checkpoint).provenance
+    return TrainResult(paths.checkpoint, state["best_epoch"], state["best_miou"], json.loads(state["history"]),
+                       state["stopped_early"], kept.get("selection", "best"), kept.get("val_miou"))
+
+
+class _Averages:
+    """The averaged weights of ``selection`` swa (end-of-epoch weights) or ema (every step); none otherwise."""
+
+    def __init__(self, model: Any, cfg: TrainConfig) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.cfg = cfg
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                    if cfg.selection == "ema" else None)
+        self.swa: dict[str, Any] | None = None
+        self.swa_count = 0
+
+    def step(self, model: Any) -> None:
+        """After an optimiser step."""
+        if self.ema is not None:
+            self.ema.update_parameters(model)
+
+    def epoch_end(self, model: Any, epoch: int) -> None:
+        """After an epoch: the swa window's epochs enter the running mean."""
+        if self.cfg.selection != "swa" or epoch <= self.cfg.epochs - self.cfg.swa_epochs:
+            return
+        self.swa_count += 1
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.swa is None:
+            self.swa = current
+            return
+        for k, v in current.items():  # running mean of the float tensors; counters are the latest
+            self.swa[k] = self.swa[k] + (v - self.swa[k]) / self.swa_count if v.is_floating_point() else v
+
+    def state(self) -> dict[str, Any]:
+        """For the training state."""
+        return {"ema": self.ema.state_dict() if self.ema is not None else None, "swa": self.swa,
+                "swa_count": self.swa_count}
+
+    def restore(self, state: dict[str, Any], device: str) -> None:
+        """From a training state."""
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state.get("swa") is not None:
+            self.swa = {k: v.to(device) for k, v in state["swa"].items()}
+        self.swa_count = state.get("swa_count", 0)
+
+    def model(self, model: Any, batches: Any) -> Any:
+        """The kept network: the averaged one (swa: batch-norm statistics recomputed on ``batches``) or ``model``."""
+        import copy
+
+        from torch.optim.swa_utils import update_bn
+
+        if self.ema is not None:
+            return self.ema.module
+        if self.swa is None:
+            return model
+        net = copy.deepcopy(model)
+        net.load_state_dict(self.swa)
+        # The average of weights is not the weights the running statistics were measured under.
+        update_bn(batches(), net)
+        return net.eval()
+
+
+def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainResult | None = None) -> TrainResult:
+    """One training run (:func:`train_model`); ``refit_of``: the held-out run whose epoch count this refit uses."""
     import rasterio
     import torch
 
@@ -211,6 +317,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     from geoseg.models import create_model, output_stride, save_checkpoint
     from geoseg.progress import progress_bar
 
+    holdout = refit_of is None
     paths = TrainPaths.for_output(cfg.output)
     if resume:
         if not paths.state.exists():
@@ -219,7 +326,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         check_overwrite(cfg.output, cfg.overwrite)
     device, precision, rng = start_run(cfg.device, cfg.precision, cfg.seed, cfg.threads)
 
-    train, val = load_regions(cfg)
+    train, val = load_regions(cfg, holdout=holdout)
     mean, std = band_stats(train)
     with rasterio.open(cfg.train[0].image) as src:
         dtype = src.dtypes[0]
@@ -247,6 +354,10 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         log.info("encoder weights from %s (%s layout, %d tensors%s)", loaded.path, loaded.layout, loaded.loaded,
                  f"; {', '.join(loaded.adapted)} adapted to {len(cfg.bands)} bands" if loaded.adapted else "")
         origin["encoder_weights"] = loaded.describe()
+    if refit_of is not None:
+        origin["refit"] = {"epochs": cfg.epochs, "holdout_checkpoint": refit_of.checkpoint.name,
+                           "holdout_selection": refit_of.selection, "holdout_val_miou": refit_of.selected_miou,
+                           "holdout_best_epoch": refit_of.best_epoch}
     model = model.to(device)
     spec = ModelSpec(
         architecture=cfg.model.architecture, encoder=cfg.model.encoder,
@@ -269,8 +380,26 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     sampler = WindowSampler(train, n_classes, rng, class_balanced=cfg.sampling.class_balanced,
                             min_labelled=cfg.sampling.min_labelled)
+    averages = _Averages(model, cfg)
     data = [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]}
             for sc in cfg.train]
+
+    def provenance(epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        scored = {} if metrics is None else {
+            "val_miou": metrics["mean_iou"],
+            "val_metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
+            "val_confusion_matrix": metrics["confusion_matrix"]}
+        return {"geoseg_version": __version__, "trained": datetime.now(timezone.utc).isoformat(), "epoch": epoch,
+                "selection": cfg.selection, **scored, "seed": cfg.seed, "device": device, "precision": precision,
+                "data": data, "config": dump_config(cfg), **origin}
+
+    def bn_batches() -> Any:
+        """Training windows for swa's batch-norm statistics, from a generator of their own (one epoch's worth)."""
+        bn_rng = np.random.default_rng([cfg.seed, 1])
+        bn_sampler = WindowSampler(train, n_classes, bn_rng, class_balanced=cfg.sampling.class_balanced,
+                                   min_labelled=cfg.sampling.min_labelled)
+        for _ in range(cfg.steps_per_epoch):
+            yield torch.from_numpy(_batch(bn_sampler, cfg, norm, bn_rng)[0]).to(device)
 
     history: list[dict] = []
     best_miou, best_epoch, start, elapsed0 = -1.0, 0, 1, 0.0
@@ -279,6 +408,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        averages.restore(state, device)
         done = state["epoch"] * cfg.steps_per_epoch
         if state["epochs"] == cfg.epochs:
             sched.load_state_dict(state["scheduler"])
@@ -298,12 +428,13 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
         log.info("resuming at epoch %d of %d (best so far: epoch %d, mIoU %.4f)", start, cfg.epochs, best_epoch,
                  best_miou)
 
-    log.info("training %s/%s: epochs %d-%d of %d steps x %d windows of %d px on %s (%s); validation on %d regions",
-             cfg.model.architecture, cfg.model.encoder, start, cfg.epochs, cfg.steps_per_epoch, cfg.batch_size,
-             cfg.tile_size, device, precision, len(val))
+    log.info("training %s/%s: epochs %d-%d of %d steps x %d windows of %d px on %s (%s); %s", cfg.model.architecture,
+             cfg.model.encoder, start, cfg.epochs, cfg.steps_per_epoch, cfg.batch_size, cfg.tile_size, device,
+             precision, f"validation on {len(val)} regions" if holdout else "refit: validation area trained on")
     bar = progress_bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, "training", progress)
     started = time.perf_counter() - elapsed0
     stopped_early = False
+    selected_miou: float | None = None
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         if cfg.freeze_encoder_epochs:
@@ -322,6 +453,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
             with autocast(device, precision):
                 loss = loss_fn(model(xb), yb)
             losses.append(optimiser_step(loss, model, opt, sched, scaler, cfg.grad_clip))
+            averages.step(model)
             if bar:
                 bar.advance(bar.task_ids[0])
             elif time.monotonic() - beat >= HEARTBEAT_S:  # a log file hears from a long epoch too
@@ -329,44 +461,51 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
                 log.info("epoch %d: step %d/%d, loss %.4f", epoch, step, cfg.steps_per_epoch,
                          float(np.mean(losses[-20:])))
         model.eval()
-        scores = validate(model, val, spec, tiling, device, precision, cfg.threads)
-        metrics = scores.to_dict()
-        miou = metrics["mean_iou"] if metrics["mean_iou"] is not None else float("nan")
-        row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_miou": round(miou, 5),
-            "val_overall_accuracy": round(metrics["overall_accuracy"] or 0.0, 5), "lr": sched.get_last_lr()[0],
-            "elapsed_s": round(time.perf_counter() - started, 1),
-        }
-        row.update({f"iou_{c['name']}": (None if c["iou"] is None or not c["support"] else round(c["iou"], 5))
-                    for c in metrics["classes"]})
+        averages.epoch_end(model, epoch)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5)}
+        metrics: dict[str, Any] | None = None
+        if holdout:
+            metrics = validate(model, val, spec, tiling, device, precision, cfg.threads).to_dict()
+            miou = metrics["mean_iou"] if metrics["mean_iou"] is not None else float("nan")
+            row.update({"val_miou": round(miou, 5),
+                        "val_overall_accuracy": round(metrics["overall_accuracy"] or 0.0, 5)})
+            if averages.ema is not None:
+                ema = validate(averages.ema.module, val, spec, tiling, device, precision, cfg.threads).mean_iou
+                row["val_miou_ema"] = round(ema if ema is not None else float("nan"), 5)
+        row.update({"lr": sched.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 1)})
+        if metrics is not None:
+            row.update({f"iou_{c['name']}": (None if c["iou"] is None or not c["support"] else round(c["iou"], 5))
+                        for c in metrics["classes"]})
         history.append(row)
-        log.info("epoch %d  loss %.4f  val mIoU %.4f", epoch, row["train_loss"], miou)
-        if miou > best_miou:
+        log.info("epoch %d  loss %.4f%s", epoch, row["train_loss"],
+                 f"  val mIoU {row['val_miou']:.4f}" if holdout else "")
+        if metrics is not None and miou > best_miou:
             best_miou, best_epoch = miou, epoch
-            provenance = {
-                "geoseg_version": __version__, "trained": datetime.now(timezone.utc).isoformat(),
-                "epoch": epoch, "val_miou": miou, "val_metrics": {k: v for k, v in metrics.items()
-                                                                  if k != "confusion_matrix"},
-                "val_confusion_matrix": metrics["confusion_matrix"], "seed": cfg.seed, "device": device,
-                "precision": precision,
-                "data": data,
-                "config": dump_config(cfg),
-                **origin,
-            }
-            save_checkpoint(cfg.output, model, spec.model_copy(update={"provenance": provenance}))
+            if cfg.selection == "best":
+                selected_miou = miou
+                save_checkpoint(cfg.output, model, spec.model_copy(update={"provenance": provenance(epoch, metrics)}))
         stopped_early = cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch < cfg.epochs
+        if cfg.selection != "best" and (epoch == cfg.epochs or stopped_early):
+            kept = averages.model(model, bn_batches)
+            scored = validate(kept, val, spec, tiling, device, precision, cfg.threads).to_dict() if holdout else None
+            selected_miou = scored["mean_iou"] if scored is not None else None
+            if scored is not None:
+                log.info("kept the %s weights: val mIoU %.4f", cfg.selection, selected_miou or float("nan"))
+            save_checkpoint(cfg.output, kept, spec.model_copy(update={"provenance": provenance(epoch, scored)}))
         _write_log(paths.log, history)
         plot_curves(history, paths.curves)
         _save_state(paths.state, cfg, epoch, model, opt, sched, scaler, rng, history, best_miou, best_epoch,
-                    stopped_early)
+                    stopped_early, averages.state())
         if stopped_early:
             log.info("early stop: no better validation mIoU for %d epochs", cfg.patience)
             break
     if bar:
         bar.stop()
-    if best_epoch:
+    if paths.checkpoint.exists():
         record_precision_check(cfg.output, val, tiling, cfg.threads)
-    return TrainResult(cfg.output, best_epoch, best_miou, history, stopped_early)
+    if selected_miou is None and holdout and cfg.selection == "best":
+        selected_miou = best_miou if best_epoch else None
+    return TrainResult(cfg.output, best_epoch, best_miou, history, stopped_early, cfg.selection, selected_miou)
 
 
 def precision_check(model: Any, regions: list[Region], spec: ModelSpec, tiling: SegmentConfig,
@@ -412,7 +551,8 @@ def _state_fingerprint(cfg: TrainConfig) -> str:
 
 
 def _save_state(path: Path, cfg: TrainConfig, epoch: int, model, opt, sched, scaler, rng: np.random.Generator,  # noqa: ANN001
-                history: list[dict], best_miou: float, best_epoch: int, stopped_early: bool) -> None:
+                history: list[dict], best_miou: float, best_epoch: int, stopped_early: bool,
+                averages: dict[str, Any]) -> None:
     """Everything needed to continue after ``epoch``; tensors and plain values only (loads with weights_only)."""
     import torch
 
@@ -421,7 +561,7 @@ def _save_state(path: Path, cfg: TrainConfig, epoch: int, model, opt, sched, sca
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
         "numpy_rng": json.dumps(rng.bit_generator.state), "history": json.dumps(history),
-        "best_miou": best_miou, "best_epoch": best_epoch, "stopped_early": stopped_early,
+        "best_miou": best_miou, "best_epoch": best_epoch, "stopped_early": stopped_early, **averages,
     }
     with atomic_path(path, overwrite=True) as tmp:
         torch.save(state, tmp)
@@ -464,12 +604,19 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     left.plot(epochs, [h["train_loss"] for h in history], marker="o", color="#444444")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    right.plot(epochs, [h["val_miou"] for h in history], marker="o", color="black", linewidth=2, label="mIoU")
+    if "val_miou" not in history[0]:  # a refit: the validation area is trained on
+        right.text(0.5, 0.5, "refit on all labelled pixels:\nno held-out validation", ha="center", va="center")
+    else:
+        right.plot(epochs, [h["val_miou"] for h in history], marker="o", color="black", linewidth=2, label="mIoU")
+    if "val_miou_ema" in history[0]:
+        right.plot(epochs, [h["val_miou_ema"] for h in history], marker="s", color="black", linestyle="--",
+                   label="mIoU, ema weights")
     for key in [k for k in history[0] if k.startswith("iou_")]:
         values = [h[key] if h[key] is not None else np.nan for h in history]
         right.plot(epochs, values, linewidth=1, alpha=0.8, label=key[4:])
     right.set(xlabel="epoch", ylabel="IoU", title="validation", ylim=(0, 1))
-    right.legend(fontsize=7, loc="lower right")
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7, loc="lower right")
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)

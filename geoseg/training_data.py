@@ -88,8 +88,12 @@ def resolve_window(w: WindowConfig, height: int, width: int, source: str) -> Win
     return Window(w.col_off, w.row_off, wd, h)
 
 
-def load_regions(cfg: TrainConfig) -> tuple[list[Region], list[Region]]:
-    """Training regions (each with its validation window excluded) and validation regions."""
+def load_regions(cfg: TrainConfig, *, holdout: bool = True) -> tuple[list[Region], list[Region]]:
+    """Training regions (each with its validation window excluded) and validation regions.
+
+    ``holdout=False`` (a refit on all labelled data): the validation windows are trainable and the
+    validation scenes are training regions too; the validation regions are returned as well.
+    """
     train, val = [], []
     for scene in cfg.train:
         image, target, valid = load_scene(scene, cfg)
@@ -99,10 +103,12 @@ def load_regions(cfg: TrainConfig) -> tuple[list[Region], list[Region]]:
             rows, cols = exclude.toslices()
             val.append(Region(image[:, rows, cols], target[rows, cols], f"{scene.image.name}:window",
                               valid=valid[rows, cols]))
-        train.append(Region(image, target, scene.image.name, exclude, valid=valid))
+        train.append(Region(image, target, scene.image.name, exclude if holdout else None, valid=valid))
     for scene in cfg.validation.scenes:
         image, target, valid = load_scene(scene, cfg)
         val.append(Region(image, target, scene.image.name, valid=valid))
+        if not holdout:
+            train.append(val[-1])
     if not any(r.trainable.any() for r in train):
         raise InputError("training scenes hold no labelled pixel outside the validation window")
     return train, val

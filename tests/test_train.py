@@ -257,3 +257,109 @@ def test_unlabelled_pixels_are_ignored():
     region = Region(np.zeros((1, 40, 40), np.float32), target, "empty")
     with pytest.raises(InputError):
         WindowSampler([region], 2, np.random.default_rng(0)).sample(16)
+
+
+def _state(path):  # noqa: ANN001, ANN202
+    return {k: v.numpy() for k, v in load_checkpoint(path)[1].items()}
+
+
+def test_selection_modes_keep_the_weights_they_name(train_yaml, tmp_path, monkeypatch):  # noqa: ANN001
+    """last is the last epoch's; swa the mean of its window's epochs (batch norm recomputed); ema an average
+    unlike any epoch's; the averages never change the training itself; each loads and runs like any checkpoint."""
+    import geoseg.train as train
+
+    epochs: dict[str, list[dict]] = {}
+    real_end = train._Averages.epoch_end
+
+    def record(self, model, epoch: int) -> None:  # noqa: ANN001
+        epochs.setdefault(self.cfg.selection, []).append({k: v.detach().numpy().copy()
+                                                          for k, v in model.state_dict().items()})
+        real_end(self, model, epoch)
+
+    monkeypatch.setattr(train._Averages, "epoch_end", record)
+    runs = {}
+    for mode in ("last", "swa", "ema"):
+        cfg = train_yaml(epochs=3, steps_per_epoch=6, selection=mode, swa_epochs=2,
+                         output=str(tmp_path / f"{mode}.safetensors"))
+        runs[mode] = train_model(cfg)
+    # the same seed trains the same network whatever is kept
+    assert [h["val_miou"] for h in runs["swa"].history] == [h["val_miou"] for h in runs["last"].history]
+    assert [h["val_miou"] for h in runs["ema"].history] == [h["val_miou"] for h in runs["last"].history]
+    last, swa, ema = (_state(runs[m].checkpoint) for m in ("last", "swa", "ema"))
+    per_epoch = epochs["last"]
+    assert all(np.array_equal(last[k], per_epoch[-1][k]) for k in last)
+    params = [k for k in swa if "running" not in k and "num_batches" not in k]
+    for k in params:
+        np.testing.assert_allclose(swa[k], (per_epoch[1][k] + per_epoch[2][k]) / 2, rtol=1e-6, atol=1e-7)
+    bn = [k for k in swa if k.endswith("running_mean")]
+    assert bn and not all(np.allclose(swa[k], (per_epoch[1][k] + per_epoch[2][k]) / 2) for k in bn)
+    for weights in (swa, ema):
+        assert all(not all(np.array_equal(weights[k], e[k]) for k in params) for e in per_epoch)
+    for mode, result in runs.items():
+        kept = load_checkpoint(result.checkpoint)[0].provenance
+        assert kept["selection"] == mode and kept["epoch"] == 3 and kept["val_miou"] == result.selected_miou
+    assert runs["last"].selected_miou == pytest.approx(runs["last"].history[-1]["val_miou"], abs=1e-5)
+    assert runs["ema"].selected_miou == pytest.approx(runs["ema"].history[-1]["val_miou_ema"], abs=1e-5)
+    assert "val_miou_ema" in TrainPaths.for_output(runs["ema"].checkpoint).log.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_averaged_selection_resumes_to_the_same_weights(train_yaml, tmp_path, monkeypatch, mode):  # noqa: ANN001
+    import geoseg.train as train
+
+    cfg = train_yaml(epochs=3, steps_per_epoch=4, selection=mode, swa_epochs=2)
+    full = train_model(cfg.model_copy(update={"output": tmp_path / "full.safetensors"}))
+    real_end = train._Averages.epoch_end
+
+    def interrupted(self, model, epoch: int) -> None:  # noqa: ANN001
+        if epoch == 3:
+            raise KeyboardInterrupt
+        real_end(self, model, epoch)
+
+    monkeypatch.setattr(train._Averages, "epoch_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(cfg)
+    monkeypatch.setattr(train._Averages, "epoch_end", real_end)
+    resumed = train_model(cfg, resume=True)
+    assert resumed.selected_miou == full.selected_miou
+    assert _weights_equal(resumed.checkpoint, full.checkpoint)
+
+
+def test_refit_trains_on_the_validation_pixels_for_the_chosen_epochs(train_yaml, tmp_path, monkeypatch):  # noqa: ANN001
+    import geoseg.train as train
+    from geoseg.training_data import band_stats, load_regions
+
+    windows: list[list[tuple[int, int, int]]] = []
+    real_init, real_sample = WindowSampler.__init__, WindowSampler.sample
+
+    def init(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        real_init(self, *args, **kwargs)
+        windows.append([])
+        self.drawn = windows[-1]
+
+    def sample(self, side: int):  # noqa: ANN202
+        reg, r, c = real_sample(self, side)
+        self.drawn.append((r, c, side))
+        return reg, r, c
+
+    monkeypatch.setattr(WindowSampler, "__init__", init)
+    monkeypatch.setattr(WindowSampler, "sample", sample)
+    cfg = train_yaml(epochs=3, steps_per_epoch=6, refit=True)
+    result = train_model(cfg)
+    held_out, refit = windows  # one sampler per run
+    in_validation = lambda ws: sum(r + side > 200 for r, _, side in ws)  # noqa: E731 - rows 200-299 validate
+    assert in_validation(held_out) == 0 and in_validation(refit) > 0
+    first = load_checkpoint(train.holdout_path(cfg.output))[0].provenance
+    spec, _ = load_checkpoint(result.checkpoint)
+    kept = spec.provenance
+    assert "val_miou" not in kept and result.selected_miou is None  # the validation area was trained on
+    assert kept["selection"] == "last" and kept["refit"]["holdout_selection"] == "best"
+    assert kept["refit"]["epochs"] == first["epoch"] == kept["epoch"] and len(result.history) == first["epoch"]
+    assert kept["refit"]["holdout_val_miou"] == first["val_miou"]
+    all_train, _ = load_regions(cfg, holdout=False)
+    assert spec.mean == pytest.approx(band_stats(all_train)[0], rel=1e-12)
+    assert spec.mean != pytest.approx(band_stats(load_regions(cfg)[0])[0], rel=1e-6)
+    with pytest.raises(OutputExistsError):
+        train_model(cfg)
+    with pytest.raises(InputError, match="nothing to resume"):  # the held-out run is found finished, then the refit
+        train_model(cfg, resume=True)

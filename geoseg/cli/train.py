@@ -28,7 +28,7 @@ def _epilog() -> str:
 @verbosity
 def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: int | None, resume: bool,
             init: str | None) -> None:
-    """Train an smp model on scenes and label rasters; keep the best checkpoint by validation mIoU."""
+    """Train an smp model on scenes and label rasters; keep the weights `selection` names (default: best epoch)."""
     from pathlib import Path
 
     from geoseg.config import TrainConfig, load_config
@@ -43,5 +43,11 @@ def command(config: str, overrides: tuple[str, ...], overwrite: bool, epochs: in
     cfg = load_config(config, overrides, TrainConfig)
     result = train_model(cfg, resume=resume, progress=sys.stderr.isatty())
     early = ", stopped early" if result.stopped_early else ""
-    click.echo(f"wrote {result.checkpoint} (best epoch {result.best_epoch}, validation mIoU {result.best_miou:.4f}"
-               f"{early}; log, curves and training state beside it)", err=True)
+    if cfg.refit:
+        kept = f"refit on all labelled pixels for {len(result.history)} epochs; held-out run beside it"
+    elif result.selection == "best":
+        kept = f"best epoch {result.best_epoch}, validation mIoU {result.best_miou:.4f}"
+    else:
+        kept = (f"{result.selection} weights, validation mIoU {result.selected_miou or float('nan'):.4f}; best epoch "
+                f"{result.best_epoch} had {result.best_miou:.4f}")
+    click.echo(f"wrote {result.checkpoint} ({kept}{early}; log, curves and training state beside it)", err=True)

@@ -164,6 +164,21 @@ class TrainConfig(_Config):
     patience: int | None = Field(
         None, ge=1, description="Early stopping: stop after this many epochs without a better validation mIoU."
     )
+    selection: Literal["best", "last", "swa", "ema"] = Field(
+        "best", description="The weights kept: 'best' the epoch with the best validation mIoU (chosen on the "
+        "validation area, so its score there is optimistic); 'last' the last epoch's; 'swa' the average of the "
+        "last swa_epochs epochs' weights, batch-norm statistics recomputed on training windows; 'ema' an "
+        "exponential moving average of the weights over every step (docs/training.md).",
+    )
+    swa_epochs: int = Field(5, ge=2, description="selection swa: epochs whose end-of-epoch weights are averaged.")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="selection ema: weight of the average at each step "
+                             "(0.99: about the last 100 steps count).")
+    refit: bool = Field(
+        False, description="After the run, train again from the start on all labelled pixels, the validation area "
+        "(and validation scenes) included, for the epochs the first run chose (its best epoch under selection best, "
+        "else all it trained), and keep those weights; the first run's checkpoint stays beside it as "
+        "NAME.holdout.safetensors with its validation score.",
+    )
     loss: LossConfig = Field(default_factory=LossConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -204,6 +219,11 @@ class TrainConfig(_Config):
             raise ValueError("freeze_encoder_epochs / encoder_lr_factor: the fcn has no encoder")
         if self.model.architecture == "fcn" and self.model.encoder_weights is not None:
             raise ValueError("model.encoder_weights: the fcn has no encoder")
+        if self.selection == "swa" and self.swa_epochs > self.epochs:
+            raise ValueError(f"swa_epochs: {self.swa_epochs} is more than the {self.epochs} epochs trained")
+        if self.selection == "swa" and self.patience is not None:
+            raise ValueError("patience: early stopping would end the run before the epochs swa averages; use it "
+                             "with selection best, last or ema")
         weights = self.loss.class_weights
         if isinstance(weights, list) and len(weights) != len(self.classes):
             raise ValueError(f"loss.class_weights: {len(weights)} weights for {len(self.classes)} classes")
