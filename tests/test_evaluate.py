@@ -171,3 +171,21 @@ def test_pipeline_stage_writes_reports_and_manifest(tmp_path, client, fcn_checkp
     assert (tmp_path / "o" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "| mean IoU" in (tmp_path / "o" / "report.md").read_text()
     assert (tmp_path / "o" / "metrics.csv").read_text().startswith("id,name,iou,precision,recall,f1")
+
+
+def test_boundary_fscore_counts_edges_within_the_tolerance():
+    from geoseg.evaluate import boundary_fscore
+
+    ref = np.zeros((40, 40), np.int64)
+    ref[:, 20:] = 1  # one vertical edge: columns 19 | 20
+    valid = np.ones(ref.shape, bool)
+    assert boundary_fscore(ref, ref, valid) == {"precision": 1.0, "recall": 1.0, "f_score": 1.0}
+    shifted = np.zeros_like(ref)
+    shifted[:, 22:] = 1  # 2 px off: inside a tolerance of 2, outside one of 1
+    assert boundary_fscore(ref, shifted, valid, 2)["f_score"] == 1.0
+    assert boundary_fscore(ref, shifted, valid, 1)["f_score"] == 0.0
+    noisy = ref.copy()
+    noisy[5, 5] = 1  # a speck far from the edge: 3 more edge pixels (it, and its left and upper neighbours)
+    got = boundary_fscore(ref, noisy, valid, 2)
+    assert got["recall"] == 1.0 and got["precision"] == pytest.approx(40 / 43)
+    assert boundary_fscore(ref, noisy, valid & (np.arange(40) != 5)[:, None], 2)["precision"] == 1.0

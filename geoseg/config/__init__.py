@@ -27,6 +27,7 @@ from geoseg.config.pipeline import (
     JobqueueConfig,
     PipelineConfig,
     ReadConfig,
+    RefineConfig,
     SegmentConfig,
     StitchConfig,
     TileConfig,
@@ -53,7 +54,8 @@ from geoseg.config.training import (
 __all__ = [
     "AugmentConfig", "BandConfig", "BatchConfig", "ClassConfig", "ClusterConfig", "EvaluateConfig", "InferConfig",
     "JobqueueConfig", "LossConfig", "MaskConfig", "ModelConfig", "PipelineConfig", "PretrainConfig", "ReadConfig",
-    "SamplingConfig", "SceneConfig", "SegmentConfig", "StitchConfig", "TLSConfig", "TileConfig", "TrainConfig",
+    "RefineConfig", "SamplingConfig", "SceneConfig", "SegmentConfig", "StitchConfig", "TLSConfig", "TileConfig",
+    "TrainConfig",
     "UnlabelledSceneConfig", "ValidationConfig", "VectorizeConfig", "WindowConfig", "WriteConfig",
     "config_reference_markdown", "dump_config", "load_config", "parse_overrides", "raster_config", "read_config_tree",
     "read_yaml", "validate",

@@ -100,6 +100,19 @@ class InferConfig(_Config):
         return {True: "flips", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
+class RefineConfig(_Config):
+    """Boundary refinement of the stitched class probabilities (docs/tiling.md)."""
+
+    method: Literal["none", "guided"] = Field(
+        "none", description="'guided': an edge-aware guided filter of each class probability map under the image "
+        "(the mean of the normalised bands), so class edges follow image edges; per chunk with a halo of "
+        "2 x radius pixels, seamless.",
+    )
+    radius: int = Field(2, ge=1, le=32, description="Window radius of the guided filter in pixels.")
+    eps: float = Field(0.01, gt=0, description="Regularisation: larger smooths more, smaller follows the image "
+                       "more closely (in normalised band units squared).")
+
+
 class StitchConfig(_Config):
     """How overlapping tile predictions are merged."""
 
@@ -109,6 +122,7 @@ class StitchConfig(_Config):
         "full-frame pass: 99.998% at 512/64 with the demo model, cosine 99.995%, docs/tiling.md); 'cosine': "
         "probabilities weighted by a raised cosine over the overlap (smooth confidence across tile edges).",
     )
+    refine: RefineConfig = Field(default_factory=RefineConfig)
 
 
 class WriteConfig(_Config):

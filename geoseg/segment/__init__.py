@@ -32,8 +32,18 @@ from geoseg.grid import TileGrid
 from geoseg.read import Raster
 from geoseg.segment.accumulate import AccumulatorLayout
 from geoseg.segment.predict import ModelKey, model_on_workers
+from geoseg.segment.refine import guide_image, halo
 from geoseg.segment.scratch import Scratch, run_once
-from geoseg.segment.tasks import InferSettings, blend_tiles, classify, infer_chunk, stitch_chunk, tiles_to_infer
+from geoseg.segment.tasks import (
+    InferSettings,
+    RefineSettings,
+    blend_tiles,
+    classify,
+    infer_chunk,
+    refine_sums,
+    stitch_chunk,
+    tiles_to_infer,
+)
 from geoseg.segment.tiles import create_tile_store, tile_store_matches, write_chunk
 
 if TYPE_CHECKING:
@@ -177,13 +187,21 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
                 after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
     scores_path = str(scores) if scores is not None else None
 
+    refine = refine_settings(cfg, spec)
+    grown = halo(refine.radius) if refine is not None else 0
+
+    def waits_for(i: int, j: int) -> list[tuple[int, int]]:
+        """The chunks whose inference the stitch of ``(i, j)`` needs besides its own (a halo may add some)."""
+        return sorted(set(grid.neighbours(i, j)) | set(layout.sources(i, j, grown)) - {(i, j)})
+
     def finish(n_tiles: int, i: int, j: int, after: list) -> Block:  # noqa: ARG001 - after: dependencies
-        labels, conf, n_valid = stitch_chunk(acc_path, tiles_path, layout, i, j, lut, cfg.nodata, scores_path)
+        labels, conf, n_valid = stitch_chunk(acc_path, tiles_path, layout, i, j, lut, cfg.nodata, scores_path,
+                                             refine)
         return Block(grid.chunk_window(i, j), labels, conf, n_valid, n_tiles)
 
     # A finished stitch frees its chunk for the writer: run it before starting more inference.
     with dask.annotate(priority=1_000_000):
-        tasks = [dask.delayed(finish, pure=False)(inferred[i, j], i, j, [inferred[n] for n in grid.neighbours(i, j)],
+        tasks = [dask.delayed(finish, pure=False)(inferred[i, j], i, j, [inferred[n] for n in waits_for(i, j)],
                                                   dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
                  for i in range(ny) for j in range(nx)]
 
@@ -208,6 +226,14 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
         os.replace(scratch.tiles, keep_tiles)
     if cleanup:
         scratch.close()
+
+
+def refine_settings(cfg: SegmentConfig, spec: ModelSpec) -> RefineSettings | None:
+    """The boundary refinement ``cfg.stitch.refine`` asks for, with the checkpoint's normalisation (None: off)."""
+    r = cfg.stitch.refine
+    if r.method == "none":
+        return None
+    return RefineSettings(r.radius, r.eps, tuple(spec.mean), tuple(spec.std))
 
 
 def infer_annotations(device: str, n_tiles: int, limited: bool = False) -> dict[str, Any]:
@@ -271,5 +297,8 @@ def predict_array(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, va
     xp, vp = pad_to(x, before, after), pad_to(valid, before, after)
     todo = tiles_to_infer(whole.tiles_of(0, 0), extent, vp)
     sums = blend_tiles(predict, xp, todo, extent, Window(0, 0, w, h), whole, len(spec.classes), cfg.stitch.blend)
+    refine = refine_settings(cfg, spec)
+    if refine is not None:  # x is normalised as the refinement's guide normalises
+        sums = refine_sums(sums, guide_image(x), valid, refine.radius, refine.eps)
     labels, _ = classify(sums, valid, np.arange(len(spec.classes), dtype=np.uint8), 255)
     return np.where(labels == 255, -1, labels.astype(np.int64))

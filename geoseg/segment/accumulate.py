@@ -108,16 +108,57 @@ class AccumulatorLayout:
             h, wd = int(w.height), int(w.width)
             zarr_array(path, name, "r+")[i, j, :, :h, :wd] = sums[(slice(None), *relative(w, ext))]
 
-    def merge(self, path: str, i: int, j: int) -> np.ndarray:
-        """Chunk ``(i, j)``'s sums on its window: its own, plus every neighbour's piece that falls on it."""
+    def window(self, i: int, j: int, halo: int = 0) -> Window:
+        """Chunk ``(i, j)``'s window grown by ``halo`` pixels on every side, clipped to the scene."""
         core = self.grid.chunk_window(i, j)
-        acc = read_array(zarr_array(path, "core"), (slice(None), *core.toslices()))
-        for a, b in self.grid.neighbours(i, j):
+        if not halo:
+            return core
+        return self.grid.clip(Window(core.col_off - halo, core.row_off - halo, core.width + 2 * halo,
+                                     core.height + 2 * halo))
+
+    @cached_property
+    def reach(self) -> int:
+        """How far past its own window any chunk's extent reaches, in pixels."""
+        most = 0
+        for (a, b), w in self.grid.chunk_windows():
+            ext = self.extent(a, b)
+            if ext is not None:
+                most = max(most, int(w.row_off - ext.row_off), int(w.col_off - ext.col_off),
+                           int(ext.row_off + ext.height - w.row_off - w.height),
+                           int(ext.col_off + ext.width - w.col_off - w.width))
+        return most
+
+    def sources(self, i: int, j: int, halo: int = 0) -> list[tuple[int, int]]:
+        """The chunks whose sums fall on :meth:`window` ``(i, j, halo)``: the chunk itself and those reaching it.
+
+        Without a halo these are among the 3 x 3 neighbours; a halo can reach one further, e.g. where the
+        last tile of a row is moved back to end at the scene's edge.
+        """
+        window = self.window(i, j, halo)
+        k = 1 + -(-(self.reach + halo) // self.grid.chunk)
+        ny, nx = self.grid.chunks_shape
+        found = []
+        for a in range(max(i - k, 0), min(i + k + 1, ny)):
+            for b in range(max(j - k, 0), min(j + k + 1, nx)):
+                ext = self.extent(a, b)
+                if ext is not None and intersect(ext, window):
+                    found.append((a, b))
+        return found
+
+    def merge(self, path: str, i: int, j: int, halo: int = 0) -> tuple[np.ndarray, Window]:
+        """Chunk ``(i, j)``'s sums on its window grown by ``halo`` (:meth:`window`), and that window.
+
+        The store's ``core`` there, plus every piece of the :meth:`sources` that falls on it (the stitch
+        task waits for their inference).
+        """
+        window = self.window(i, j, halo)
+        acc = read_array(zarr_array(path, "core"), (slice(None), *window.toslices()))
+        for a, b in self.sources(i, j, halo):
             for name, w in self.pieces(a, b).items():
-                if not intersect(w, core):
+                if not intersect(w, window):
                     continue
-                part = intersection(w, core)
+                part = intersection(w, window)
                 rows, cols = relative(part, w)
                 piece = read_array(zarr_array(path, name), (a, b, slice(None), rows, cols))
-                acc[(slice(None), *relative(part, core))] += piece
-        return acc
+                acc[(slice(None), *relative(part, window))] += piece
+        return acc, window

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.windows import Window
 
-from geoseg.grid import Tile, TileGrid, tile_weights
+from geoseg.grid import Tile, TileGrid, relative, tile_weights
 from geoseg.segment.accumulate import AccumulatorLayout
 from geoseg.segment.predict import ModelKey, get_predictor
+from geoseg.segment.refine import guide_image, guided_filter, halo
 from geoseg.segment.tiles import read_array, read_extent, zarr_array
 
 
@@ -142,12 +143,54 @@ def classify(acc: np.ndarray, valid: np.ndarray, lut: np.ndarray, nodata: int) -
     return labels, conf
 
 
+@dataclass(frozen=True)
+class RefineSettings:
+    """Boundary refinement of a scene (:mod:`geoseg.segment.refine`) with the checkpoint's normalisation."""
+
+    radius: int
+    eps: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def guide(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The guide of raw bands, normalised as the predictor normalises them (nodata 0)."""
+        x = (data.astype(np.float32) - np.asarray(self.mean, np.float32)[:, None, None]) / np.asarray(
+            self.std, np.float32)[:, None, None]
+        x[:, ~valid] = 0.0
+        return guide_image(x)
+
+
+def refine_sums(acc: np.ndarray, guide: np.ndarray, valid: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """Merged sums turned into refined sums: guided-filtered probabilities, weight 1 where a pixel is known.
+
+    What :func:`classify` then reads as any sums; the result on a pixel depends on the pixels within
+    ``halo(radius)`` of it only, so a chunk read with that halo gives the whole-scene bits.
+    """
+    known = valid & (acc[-1] > 0)
+    probs = acc[:-1] / np.where(known, acc[-1], 1)
+    q = guided_filter(probs, guide, known, radius, eps)
+    return np.concatenate([q, known[None].astype(np.float32)])
+
+
 def stitch_chunk(acc_path: str, tiles_path: str, layout: AccumulatorLayout, i: int, j: int, lut: np.ndarray,
-                 nodata: int, scores_path: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Class ids, top probability and valid-pixel count of chunk ``(i, j)``; optionally store probabilities."""
-    acc = layout.merge(acc_path, i, j)
+                 nodata: int, scores_path: str | None = None,
+                 refine: RefineSettings | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Class ids, top probability and valid-pixel count of chunk ``(i, j)``; optionally store probabilities.
+
+    With ``refine``, the sums are read with a halo, refined, and cut back to the chunk's window.
+    """
     window = layout.grid.chunk_window(i, j)
-    valid = read_array(zarr_array(tiles_path, "valid"), window.toslices())
+    if refine is None:
+        acc, _ = layout.merge(acc_path, i, j)
+        valid = read_array(zarr_array(tiles_path, "valid"), window.toslices())
+    else:
+        acc, grown = layout.merge(acc_path, i, j, halo(refine.radius))
+        rows, cols = grown.toslices()
+        valid = read_array(zarr_array(tiles_path, "valid"), (rows, cols))
+        data = read_array(zarr_array(tiles_path, "image"), (slice(None), rows, cols))
+        inner = relative(window, grown)
+        acc = refine_sums(acc, refine.guide(data, valid), valid, refine.radius, refine.eps)[(slice(None), *inner)]
+        valid = valid[inner]
     labels, conf = classify(acc, valid, lut, nodata)
     if scores_path is not None:
         from geoseg.segment.scores import write_scores
