@@ -227,10 +227,12 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, progress: bool = Fals
     epochs = first.best_epoch if cfg.selection == "best" else int(first.history[-1]["epoch"])
     log.info("refit on all labelled pixels for %d epochs (the held-out run's %s)", epochs,
              f"best epoch, validation mIoU {first.best_miou:.4f}" if cfg.selection == "best" else "epochs")
-    final = cfg.model_copy(update={"refit": False, "epochs": epochs, "patience": None,
+    # The same schedule as the run that chose, stopped after its epochs: the refit's weights are those of the
+    # chosen epoch, trained on more pixels (a schedule compressed into fewer epochs would anneal earlier).
+    final = cfg.model_copy(update={"refit": False, "patience": None,
                                    "selection": "last" if cfg.selection == "best" else cfg.selection})
     return _train(final, resume=resume and TrainPaths.for_output(cfg.output).state.exists(), progress=progress,
-                  refit_of=first)
+                  refit_of=first, stop_after=epochs)
 
 
 def _finished(cfg: TrainConfig) -> TrainResult | None:
@@ -251,10 +253,10 @@ def _finished(cfg: TrainConfig) -> TrainResult | None:
 class _Averages:
     """The averaged weights of ``selection`` swa (end-of-epoch weights) or ema (every step); none otherwise."""
 
-    def __init__(self, model: Any, cfg: TrainConfig) -> None:
+    def __init__(self, model: Any, cfg: TrainConfig, last: int) -> None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        self.cfg = cfg
+        self.cfg, self.last = cfg, last
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
                     if cfg.selection == "ema" else None)
         self.swa: dict[str, Any] | None = None
@@ -267,7 +269,7 @@ class _Averages:
 
     def epoch_end(self, model: Any, epoch: int) -> None:
         """After an epoch: the swa window's epochs enter the running mean."""
-        if self.cfg.selection != "swa" or epoch <= self.cfg.epochs - self.cfg.swa_epochs:
+        if self.cfg.selection != "swa" or epoch <= self.last - self.cfg.swa_epochs:
             return
         self.swa_count += 1
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -307,8 +309,12 @@ class _Averages:
         return net.eval()
 
 
-def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainResult | None = None) -> TrainResult:
-    """One training run (:func:`train_model`); ``refit_of``: the held-out run whose epoch count this refit uses."""
+def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainResult | None = None,
+           stop_after: int | None = None) -> TrainResult:
+    """One training run (:func:`train_model`); ``refit_of``: the held-out run whose epoch count this refit uses.
+
+    ``stop_after``: end after that many epochs of the ``cfg.epochs``-epoch schedule (the refit).
+    """
     import rasterio
     import torch
 
@@ -355,10 +361,12 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainRes
                  f"; {', '.join(loaded.adapted)} adapted to {len(cfg.bands)} bands" if loaded.adapted else "")
         origin["encoder_weights"] = loaded.describe()
     if refit_of is not None:
-        origin["refit"] = {"epochs": cfg.epochs, "holdout_checkpoint": refit_of.checkpoint.name,
-                           "holdout_selection": refit_of.selection, "holdout_val_miou": refit_of.selected_miou,
-                           "holdout_best_epoch": refit_of.best_epoch}
-    model = model.to(device)
+        origin["refit"] = {"epochs": stop_after, "schedule_epochs": cfg.epochs,
+                           "holdout_checkpoint": refit_of.checkpoint.name, "holdout_selection": refit_of.selection,
+                           "holdout_val_miou": refit_of.selected_miou, "holdout_best_epoch": refit_of.best_epoch}
+    channels_last = cfg.channels_last if cfg.channels_last is not None else (device == "cpu" and precision == "bf16")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     spec = ModelSpec(
         architecture=cfg.model.architecture, encoder=cfg.model.encoder,
         bands=[{"index": b.index, "name": b.name} for b in cfg.bands], mean=mean, std=std,
@@ -380,7 +388,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainRes
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     sampler = WindowSampler(train, n_classes, rng, class_balanced=cfg.sampling.class_balanced,
                             min_labelled=cfg.sampling.min_labelled)
-    averages = _Averages(model, cfg)
+    last = stop_after or cfg.epochs
+    averages = _Averages(model, cfg, last)
     data = [{"image": str(sc.image), "labels": str(sc.labels), "sha256": file_digest(sc.image)[:16]}
             for sc in cfg.train]
 
@@ -422,20 +431,20 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainRes
         history = json.loads(state["history"])
         best_miou, best_epoch = state["best_miou"], state["best_epoch"]
         start, elapsed0 = state["epoch"] + 1, history[-1]["elapsed_s"] if history else 0.0
-        if start > cfg.epochs or state["stopped_early"]:
-            why = "stopped early" if state["stopped_early"] else f"trained all {cfg.epochs} epochs"
+        if start > last or state["stopped_early"]:
+            why = "stopped early" if state["stopped_early"] else f"trained all {last} epochs"
             raise InputError(f"{paths.state}: nothing to resume: the run {why}; raise --epochs to train longer")
-        log.info("resuming at epoch %d of %d (best so far: epoch %d, mIoU %.4f)", start, cfg.epochs, best_epoch,
+        log.info("resuming at epoch %d of %d (best so far: epoch %d, mIoU %.4f)", start, last, best_epoch,
                  best_miou)
 
     log.info("training %s/%s: epochs %d-%d of %d steps x %d windows of %d px on %s (%s); %s", cfg.model.architecture,
-             cfg.model.encoder, start, cfg.epochs, cfg.steps_per_epoch, cfg.batch_size, cfg.tile_size, device,
+             cfg.model.encoder, start, last, cfg.steps_per_epoch, cfg.batch_size, cfg.tile_size, device,
              precision, f"validation on {len(val)} regions" if holdout else "refit: validation area trained on")
-    bar = progress_bar((cfg.epochs - start + 1) * cfg.steps_per_epoch, "training", progress)
+    bar = progress_bar((last - start + 1) * cfg.steps_per_epoch, "training", progress)
     started = time.perf_counter() - elapsed0
     stopped_early = False
     selected_miou: float | None = None
-    for epoch in range(start, cfg.epochs + 1):
+    for epoch in range(start, last + 1):
         model.train()
         if cfg.freeze_encoder_epochs:
             encoder: Any = model.encoder
@@ -448,7 +457,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainRes
         beat = time.monotonic()
         for step in range(1, cfg.steps_per_epoch + 1):
             xb, yb = _batch(sampler, cfg, norm, rng)
-            xb, yb = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
+            xb = torch.from_numpy(xb).to(device).contiguous(memory_format=memory_format)
+            yb = torch.from_numpy(yb).to(device)
             opt.zero_grad(set_to_none=True)
             with autocast(device, precision):
                 loss = loss_fn(model(xb), yb)
@@ -484,8 +494,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, refit_of: TrainRes
             if cfg.selection == "best":
                 selected_miou = miou
                 save_checkpoint(cfg.output, model, spec.model_copy(update={"provenance": provenance(epoch, metrics)}))
-        stopped_early = cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch < cfg.epochs
-        if cfg.selection != "best" and (epoch == cfg.epochs or stopped_early):
+        stopped_early = cfg.patience is not None and epoch - best_epoch >= cfg.patience and epoch < last
+        if cfg.selection != "best" and (epoch == last or stopped_early):
             kept = averages.model(model, bn_batches)
             scored = validate(kept, val, spec, tiling, device, precision, cfg.threads).to_dict() if holdout else None
             selected_miou = scored["mean_iou"] if scored is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -356,6 +357,8 @@ def test_refit_trains_on_the_validation_pixels_for_the_chosen_epochs(train_yaml,
     assert kept["selection"] == "last" and kept["refit"]["holdout_selection"] == "best"
     assert kept["refit"]["epochs"] == first["epoch"] == kept["epoch"] and len(result.history) == first["epoch"]
     assert kept["refit"]["holdout_val_miou"] == first["val_miou"]
+    with open(TrainPaths.for_output(train.holdout_path(cfg.output)).log) as f:  # the chosen epochs' schedule
+        assert [h["lr"] for h in result.history] == [float(r["lr"]) for r in csv.DictReader(f)][: first["epoch"]]
     all_train, _ = load_regions(cfg, holdout=False)
     assert spec.mean == pytest.approx(band_stats(all_train)[0], rel=1e-12)
     assert spec.mean != pytest.approx(band_stats(load_regions(cfg)[0])[0], rel=1e-6)

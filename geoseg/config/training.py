@@ -186,6 +186,10 @@ class TrainConfig(_Config):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 on CPU."
     )
+    channels_last: bool | None = Field(
+        None, description="Channels-last memory format for the training forward and backward (unset: on where bf16 "
+        "runs on the CPU, off otherwise).",
+    )
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
     init: Path | None = Field(
