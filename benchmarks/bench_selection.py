@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=50, help="rows above the validation window that choose the "
                    "refit's epoch count (nested)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument("--nested-only", action="store_true", help="only the nested runs (best and refit)")
     args = p.parse_args()
     malloc = control_malloc(True)
 
@@ -74,23 +75,30 @@ def main() -> None:
     except GeosegError as exc:
         sys.exit(f"cannot run this benchmark: {exc} (the real data lives in ../shared/data; see its README)")
     window = base.validation.window
-    if window is None or window.col_off or window.width or len(base.train) != 1:
-        sys.exit("this benchmark needs one training scene validated on a band of full-width rows")
+    nested_ok = window is not None and not window.col_off and not window.width and len(base.train) == 1
+    if not nested_ok:  # validation scenes (the aerial patches): nothing to cut a nested area from
+        print("no nested refit: the config does not validate on a band of full-width rows of one scene")
+        if args.nested_only:
+            sys.exit("--nested-only needs one training scene validated on a band of full-width rows")
     print(f"machine: {machine()}, bf16 CPU: {cpu_has_bf16()}\nmalloc: {malloc}\nconfig: {args.train_config} "
           f"{args.overrides} ({base.model.architecture}-{base.model.encoder}, {base.epochs} epochs x "
           f"{base.steps_per_epoch} steps x {base.batch_size}); swa over {base.swa_epochs} epochs, ema decay "
-          f"{base.ema_decay}; seeds {args.seeds}\nscored on rows {window.row_off}.. (the validation window); "
-          f"nested: epochs chosen on rows {window.row_off - args.inner}-{window.row_off - 1}", flush=True)
+          f"{base.ema_decay}; seeds {args.seeds}", flush=True)
     _, val = load_regions(base)
-    scene = base.train[0]
-    cut = [crop_above(scene.image, window.row_off, tmp / "cut-image.tif"),
-           crop_above(scene.labels, window.row_off, tmp / "cut-labels.tif")]
+    if nested_ok:
+        assert window is not None
+        print(f"scored on rows {window.row_off}.. (the validation window); nested: epochs chosen on rows "
+              f"{window.row_off - args.inner}-{window.row_off - 1}", flush=True)
+        scene = base.train[0]
+        cut = [crop_above(scene.image, window.row_off, tmp / "cut-image.tif"),
+               crop_above(scene.labels, window.row_off, tmp / "cut-labels.tif")]
+    modes = MODES[-2:] if args.nested_only else MODES if nested_ok else MODES[:4]
     runs: list[dict] = []
     t_all = time.perf_counter()
     for seed in args.seeds:
         row: dict = {"seed": seed, "seconds": {}}
         histories = []
-        for mode in ("ema", "swa"):
+        for mode in () if args.nested_only else ("ema", "swa"):
             cfg = load_config(args.train_config, [f"output={tmp / f'{mode}-{seed}.safetensors'}", f"seed={seed}",
                                                   f"selection={mode}", *args.overrides], TrainConfig)
             t0 = time.perf_counter()
@@ -105,7 +113,14 @@ def main() -> None:
                 row["last"] = model_metrics(TrainPaths.for_output(result.checkpoint).state, spec, val,
                                             tiling)["mean_iou"]
                 row["history"] = result.history
-        row["same_training"] = histories[0] == histories[1]
+        row["same_training"] = len(histories) < 2 or histories[0] == histories[1]
+        if not nested_ok:
+            runs.append(row)
+            print(f"seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in modes)
+                  + f" (best epoch {row['best_epoch']}, same training: {row['same_training']}, {row['seconds']})",
+                  flush=True)
+            continue
+        assert window is not None
         nested = load_config(args.train_config, [
             f"output={tmp / f'refit-{seed}.safetensors'}", f"seed={seed}", "refit=true",
             f"train=[{{image: {cut[0]}, labels: {cut[1]}}}]",
@@ -121,21 +136,21 @@ def main() -> None:
             row[name] = model_metrics(ckpt, spec, val, tiling)["mean_iou"]
         row["nested_epochs"] = read_model_spec(refit.checkpoint).provenance["refit"]["epochs"]
         runs.append(row)
-        print(f"seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in MODES)
-              + f" (best epoch {row['best_epoch']}, nested epochs {row['nested_epochs']}, same training: "
+        print(f"seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in modes)
+              + f" (best epoch {row.get('best_epoch')}, nested epochs {row['nested_epochs']}, same training: "
               f"{row['same_training']}, {row['seconds']})", flush=True)
 
     print(f"\n{len(args.seeds)} seeds in {time.perf_counter() - t_all:.0f} s\n")
     print("| weights kept | chosen on the scored area? | mIoU (mean ± sd) | per seed |")
     print("| --- | --- | --- | --- |")
     summary = {}
-    for m in MODES:
+    for m in modes:
         v = np.array([r[m] for r in runs])
         summary[m] = {"mean": v.mean(), "sd": v.std(ddof=1) if len(v) > 1 else 0.0, "values": v.tolist()}
         print(f"| {m} | {'yes' if m == 'best' else 'no'} | {v.mean():.3f} ± {summary[m]['sd']:.3f} | "
               + ", ".join(f"{x:.3f}" for x in v) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"selection-{args.train_config.stem}.json"
+    out = RESULTS / f"selection-{args.train_config.stem}{'-nested' if args.nested_only else ''}.json"
     out.write_text(json.dumps({"machine": machine(), "malloc": malloc, "config": str(args.train_config),
                                "overrides": args.overrides, "inner_rows": args.inner, "runs": runs,
                                "summary": summary}, indent=2, default=float))

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, control_malloc, machine  # noqa: E402
 
@@ -30,7 +32,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("train_config", type=Path)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one interleaved round per seed")
+    p.add_argument("--variants", nargs="+", default=None, help="names of the variants to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     args = p.parse_args()
     malloc = control_malloc(True)
@@ -46,6 +49,8 @@ def main() -> None:
                 "fp32, channels-last": ["precision=fp32", "channels_last=true"]}
     if cpu_has_bf16():
         variants["bf16 autocast, channels-last"] = ["precision=bf16", "channels_last=true"]
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants}
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-train-speed-"))
     try:
         load_config(args.train_config, [f"output={tmp / 'probe.safetensors'}", *args.overrides], TrainConfig)
@@ -53,7 +58,7 @@ def main() -> None:
         sys.exit(f"cannot run this benchmark: {exc} (the real data lives in ../shared/data; see its README)")
     print(f"machine: {machine()}, bf16 CPU: {cpu_has_bf16()}, torch threads {torch.get_num_threads()}\n"
           f"malloc: {malloc}\nconfig: {args.train_config} {args.overrides}, {args.epochs} epochs, "
-          f"{args.rounds} rounds", flush=True)
+          f"seeds {args.seeds}", flush=True)
 
     spent = {"sampling": 0.0, "validation": 0.0}
 
@@ -69,9 +74,9 @@ def main() -> None:
     train._batch = timed("sampling", train._batch)
     train.validate = timed("validation", train.validate)
     runs = []
-    for r in range(args.rounds):
+    for r in args.seeds:
         for name, over in variants.items():
-            cfg = load_config(args.train_config, [f"output={tmp / f'{r}-{len(runs)}.safetensors'}",
+            cfg = load_config(args.train_config, [f"output={tmp / f'{r}-{len(runs)}.safetensors'}", f"seed={r}",
                                                   f"epochs={args.epochs}", *over, *args.overrides], TrainConfig)
             spent.update(sampling=0.0, validation=0.0)
             t0 = time.perf_counter()
@@ -86,22 +91,25 @@ def main() -> None:
                   f"{spent['sampling']:.1f}, forward/backward/step {fit:.1f}, validation {spent['validation']:.1f}"
                   f" s; val mIoU last {runs[-1]['last_miou']:.4f}, best {result.best_miou:.4f}", flush=True)
 
-    print("\n| variant | epochs/min | sampling | forward+backward+step | validation | val mIoU last / best |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | epochs/min | sampling | forward+backward+step | validation | val mIoU last | best |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     summary = {}
     for name in variants:
         mine = [x for x in runs if x["variant"] == name]
         med = {k: statistics.median(x[k] for x in mine) for k in ("epochs_per_min", "sampling_s", "step_s",
                                                                     "validation_s", "seconds")}
-        summary[name] = {**med, "last_miou": mine[0]["last_miou"], "best_miou": mine[0]["best_miou"]}
+        last, best = (np.array([x[k] for x in mine]) for k in ("last_miou", "best_miou"))
+        sd = (lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)  # noqa: E731
+        summary[name] = {**med, "last_miou": last.mean(), "last_sd": sd(last), "best_miou": best.mean(),
+                         "best_sd": sd(best)}
         e = args.epochs
         print(f"| {name} | {med['epochs_per_min']:.2f} | {med['sampling_s'] / e:.2f} s/epoch | "
               f"{med['step_s'] / e:.2f} s/epoch | {med['validation_s'] / e:.2f} s/epoch | "
-              f"{mine[0]['last_miou']:.3f} / {mine[0]['best_miou']:.3f} |")
+              f"{last.mean():.3f} ± {sd(last):.3f} | {best.mean():.3f} ± {sd(best):.3f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     dest = RESULTS / f"train-speed-{args.train_config.stem}.json"
     dest.write_text(json.dumps({"machine": machine(), "malloc": malloc, "epochs": args.epochs, "runs": runs,
-                                "summary": summary}, indent=2))
+                                "summary": summary}, indent=2, default=float))
     print(f"wrote {dest}")
 
 

@@ -366,3 +366,27 @@ def test_refit_trains_on_the_validation_pixels_for_the_chosen_epochs(train_yaml,
         train_model(cfg)
     with pytest.raises(InputError, match="nothing to resume"):  # the held-out run is found finished, then the refit
         train_model(cfg, resume=True)
+
+
+def test_auto_precision_trains_bf16_channels_last_only_where_the_cpu_has_bf16(train_yaml, tmp_path,
+                                                                              monkeypatch):  # noqa: ANN001
+    import torch
+
+    import geoseg.device
+    import geoseg.train as train
+
+    seen = []
+    real = train.optimiser_step
+
+    def spy(loss, model, *args):  # noqa: ANN001, ANN002, ANN202
+        seen.append(next(model.parameters()).is_contiguous(memory_format=torch.channels_last))
+        return real(loss, model, *args)
+
+    monkeypatch.setattr(train, "optimiser_step", spy)
+    for has_bf16 in (False, True):
+        monkeypatch.setattr(geoseg.device, "cpu_has_bf16", lambda v=has_bf16: v)
+        result = train_model(train_yaml(epochs=1, steps_per_epoch=2, output=str(tmp_path / f"{has_bf16}.safetensors"),
+                                        device="cpu"))
+        kept = load_checkpoint(result.checkpoint)[0].provenance
+        assert kept["precision"] == ("bf16" if has_bf16 else "fp32")
+    assert seen == [False, False, True, True]  # the weights are channels-last only under bf16

@@ -184,7 +184,9 @@ class TrainConfig(_Config):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' trains on CUDA when present.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto': bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 on CPU."
+        "auto", description="'auto': bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing); on the CPU "
+        "bf16 autocast with channels-last where it computes bf16 natively (AMX, AVX-512 BF16: 1.8x faster at the "
+        "same validation mIoU, docs/training.md), else fp32. Validation is fp32 on the CPU either way.",
     )
     channels_last: bool | None = Field(
         None, description="Channels-last memory format for the training forward and backward (unset: on where bf16 "
