@@ -2,9 +2,11 @@
 
 Windows are drawn from the training area only (:mod:`geoseg.training_data`), augmented, and fed to AdamW
 under a one-cycle or cosine schedule with the configured loss (:mod:`geoseg.losses`). After every epoch the
-model predicts the held-out validation area and is scored with the evaluation stage's own metrics; the best
-epoch by validation mIoU is the checkpoint. Every epoch also writes the log (CSV), the curves (PNG) and a
-training state from which ``--resume`` continues exactly where the run stopped.
+model predicts the held-out validation area through the pipeline's own predictor, tiling and blending, and is
+scored with the evaluation stage's own metrics; ``selection`` says which weights are the checkpoint (the best
+epoch, the last, an SWA or EMA average), and ``refit`` retrains on all labelled pixels for the chosen epochs.
+Every epoch also writes the log (CSV), the curves (PNG) and a training state from which ``--resume``
+continues exactly where the run stopped.
 """
 
 from __future__ import annotations
