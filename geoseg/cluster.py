@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.client import ClosedClientError
 
 from geoseg.config import ClusterConfig
 from geoseg.errors import ClusterError
@@ -298,7 +300,11 @@ def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
                 fut.release()
                 yield result
         finally:
-            client.cancel([f for f in futures if not f.done()])
+            # A generator left open is finalised late, e.g. when a batch is stopped by SIGTERM and its client
+            # has closed already: there is nothing left to cancel then, and cleanup must not raise.
+            if client.status == "running":
+                with contextlib.suppress(ClosedClientError):
+                    client.cancel([f for f in futures if not f.done()])
         return
     from concurrent.futures import as_completed as finishing
 

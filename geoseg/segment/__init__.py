@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,7 +130,6 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     checkpoint's header where the caller has read it (else it is read here).
     """
     import dask
-    from distributed import get_task_stream
 
     from geoseg.cluster import iter_results, tasks_per_host
     from geoseg.models import read_model_spec
@@ -209,7 +208,7 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     resumed = int(sum(tiles_in[c] for c in done_chunks))
     with ExitStack() as stack:
         stack.enter_context(model_on_workers(client, key))
-        stream = stack.enter_context(get_task_stream(client))
+        stream = stack.enter_context(_task_stream(client))
         if progress is not None:
             stage = stack.enter_context(progress.stage("segmenting", int(tiles_in.sum()), "tiles", done=resumed))
             client.subscribe_topic(topic, lambda event: stage.advance(int(event[1])))
@@ -234,6 +233,24 @@ def refine_settings(cfg: SegmentConfig, spec: ModelSpec) -> RefineSettings | Non
     if r.method == "none":
         return None
     return RefineSettings(r.radius, r.eps, tuple(spec.mean), tuple(spec.std))
+
+
+@contextmanager
+def _task_stream(client: Client) -> Iterator[Any]:
+    """``distributed.get_task_stream`` whose exit is skipped once the client has closed.
+
+    A scene's generator can be finalised after its batch's client closed (a batch stopped by SIGTERM):
+    the stream's exit would then raise from a closed client, and there is no stream left to read.
+    """
+    from distributed import get_task_stream
+
+    stream = get_task_stream(client)
+    stream.__enter__()
+    try:
+        yield stream
+    finally:
+        if client.status == "running":
+            stream.__exit__(None, None, None)
 
 
 def infer_annotations(device: str, n_tiles: int, limited: bool = False) -> dict[str, Any]:
