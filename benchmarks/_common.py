@@ -86,3 +86,11 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, "
             f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
+
+
+def sample_sd(values) -> float:  # noqa: ANN001
+    """Sample standard deviation (ddof 1) of a benchmark's per-seed figures; 0 for a single value."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, control_malloc, machine  # noqa: E402
+from _common import RESULTS, control_malloc, machine, sample_sd  # noqa: E402
 from bench_tta import validation_reference  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -102,11 +102,10 @@ def main() -> None:
     for name in VARIANTS:
         mine = [r for r in runs if r["variant"] == name]
         m, b = np.array([r["miou"] for r in mine]), np.array([r["boundary_f"] for r in mine])
-        sd = (lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)  # noqa: E731
         sec = statistics.median(r["seconds"] for r in mine)
-        summary[name] = {"miou": m.mean(), "miou_sd": sd(m), "boundary_f": b.mean(), "boundary_f_sd": sd(b),
-                         "seconds": sec}
-        print(f"| {name} | {m.mean():.3f} ± {sd(m):.3f} | {b.mean():.3f} ± {sd(b):.3f} | {sec:.2f} s |")
+        summary[name] = {"miou": m.mean(), "miou_sd": sample_sd(m), "boundary_f": b.mean(),
+                         "boundary_f_sd": sample_sd(b), "seconds": sec}
+        print(f"| {name} | {m.mean():.3f} ± {sample_sd(m):.3f} | {b.mean():.3f} ± {sample_sd(b):.3f} | {sec:.2f} s |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     dest = RESULTS / f"refine-{args.train_config.stem}.json"
     dest.write_text(json.dumps({"machine": machine(), "malloc": malloc, "precision": args.precision,

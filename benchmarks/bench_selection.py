@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, control_malloc, machine  # noqa: E402
+from _common import RESULTS, control_malloc, machine, sample_sd  # noqa: E402
 from bench_train_baselines import model_metrics  # noqa: E402
 
 MODES = ("best", "last", "swa", "ema", "nested best", "nested refit")
@@ -146,7 +146,7 @@ def main() -> None:
     summary = {}
     for m in modes:
         v = np.array([r[m] for r in runs])
-        summary[m] = {"mean": v.mean(), "sd": v.std(ddof=1) if len(v) > 1 else 0.0, "values": v.tolist()}
+        summary[m] = {"mean": v.mean(), "sd": sample_sd(v), "values": v.tolist()}
         print(f"| {m} | {'yes' if m == 'best' else 'no'} | {v.mean():.3f} ± {summary[m]['sd']:.3f} | "
               + ", ".join(f"{x:.3f}" for x in v) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, control_malloc, machine  # noqa: E402
+from _common import RESULTS, control_malloc, machine, sample_sd  # noqa: E402
 
 
 def main() -> None:
@@ -99,13 +99,12 @@ def main() -> None:
         med = {k: statistics.median(x[k] for x in mine) for k in ("epochs_per_min", "sampling_s", "step_s",
                                                                     "validation_s", "seconds")}
         last, best = (np.array([x[k] for x in mine]) for k in ("last_miou", "best_miou"))
-        sd = (lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)  # noqa: E731
-        summary[name] = {**med, "last_miou": last.mean(), "last_sd": sd(last), "best_miou": best.mean(),
-                         "best_sd": sd(best)}
+        summary[name] = {**med, "last_miou": last.mean(), "last_sd": sample_sd(last), "best_miou": best.mean(),
+                         "best_sd": sample_sd(best)}
         e = args.epochs
         print(f"| {name} | {med['epochs_per_min']:.2f} | {med['sampling_s'] / e:.2f} s/epoch | "
               f"{med['step_s'] / e:.2f} s/epoch | {med['validation_s'] / e:.2f} s/epoch | "
-              f"{last.mean():.3f} ± {sd(last):.3f} | {best.mean():.3f} ± {sd(best):.3f} |")
+              f"{last.mean():.3f} ± {sample_sd(last):.3f} | {best.mean():.3f} ± {sample_sd(best):.3f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     dest = RESULTS / f"train-speed-{args.train_config.stem}.json"
     dest.write_text(json.dumps({"machine": machine(), "malloc": malloc, "epochs": args.epochs, "runs": runs,
