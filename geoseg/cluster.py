@@ -286,14 +286,16 @@ def tasks_per_host(client: Client) -> tuple[int, bool]:
 
 
 def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
-    """Run Dask ``tasks`` and yield each result as soon as it is done, in completion order.
+    """Run Dask ``tasks`` (or wait for futures submitted already) and yield each result as it is done.
 
-    On the cluster of ``client`` when given; otherwise on two local threads (each task on the synchronous
+    Results come in completion order. On the cluster of ``client`` when given; otherwise on two local threads (each task on the synchronous
     scheduler). Results are handed over and dropped one by one, so they never pile up in memory; when the
     consumer stops early, the tasks not yet done are cancelled.
     """
     if client is not None:
-        futures = client.compute(tasks)
+        from distributed import Future
+
+        futures = tasks if all(isinstance(t, Future) for t in tasks) else client.compute(tasks)
         try:
             for fut in completed(client, futures):
                 result = fut.result()

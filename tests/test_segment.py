@@ -104,3 +104,35 @@ def test_the_device_path_blends_as_the_host_path_does(tmp_path, unet_checkpoint,
     for blend, tta in (("crop", "none"), ("cosine", "none"), ("crop", "d4")):
         assert np.allclose(sums[True, blend, tta], sums[False, blend, tta], atol=1e-5)
     assert not np.allclose(sums[False, "crop", "d4"], sums[False, "crop", "none"], atol=1e-3)
+
+
+def test_only_inference_tasks_hold_the_inference_slot(tmp_path, fcn_checkpoint, sample_scene):
+    """The scheduler sees the INFER restriction on inference tasks alone: reading and stitching never wait for
+    a slot, so a worker with more threads than slots reads while it infers."""
+    from distributed import Client, LocalCluster, SchedulerPlugin
+
+    from geoseg.workerenv import INFER
+
+    restrictions: dict[str, dict] = {}
+
+    class Record(SchedulerPlugin):
+        def __init__(self, scheduler):  # noqa: ANN001
+            self.scheduler = scheduler
+
+        def transition(self, key, start, finish, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            if finish == "processing":
+                ts = self.scheduler.tasks[key]
+                restrictions[str(key)] = dict(ts.resource_restrictions or {})
+
+    cfg = SegmentConfig(model=fcn_checkpoint, tile={"size": 64, "overlap": 16, "chunk_tiles": 1})
+    raster = read_raster(sample_scene.image, ReadConfig(), read_model_spec(fcn_checkpoint))
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, resources={INFER: 1},
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        cluster.scheduler.add_plugin(Record(cluster.scheduler))
+        blocks = list(segment_scene(raster, cfg, c, tmp_path / "scratch"))
+    stages = {"tile": [], "infer": [], "stitch": []}
+    for key, held in restrictions.items():
+        stages[key.split("-")[1]].append(held)
+    assert len(blocks) == len(stages["stitch"]) == len(stages["infer"]) == len(stages["tile"]) > 4
+    assert all(held == {INFER: 1} for held in stages["infer"])
+    assert all(held == {} for held in stages["tile"] + stages["stitch"])

@@ -31,6 +31,7 @@ from geoseg.fingerprint import digest, input_identity, model_digest
 from geoseg.grid import TileGrid
 from geoseg.read import Raster
 from geoseg.segment.accumulate import AccumulatorLayout
+from geoseg.segment.blocks import BlockStore
 from geoseg.segment.predict import ModelKey, model_on_workers
 from geoseg.segment.refine import guide_image, halo
 from geoseg.segment.scratch import Scratch, run_once
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from geoseg.models import ModelSpec
     from geoseg.progress import Progress
 
-__all__ = ["Block", "SegmentStats", "model_key", "predict_array", "segment_scene", "tile_grid"]
+__all__ = ["Block", "BlockStore", "SegmentStats", "model_key", "predict_array", "segment_scene", "tile_grid"]
 
 log = logging.getLogger("geoseg")
 
@@ -62,8 +63,9 @@ class Block:
     """One stitched chunk: class ids (``nodata`` where invalid) and top probability on ``window``."""
 
     window: Window
-    labels: np.ndarray
-    confidence: np.ndarray
+    labels: np.ndarray | None
+    """None where the stitch task stored the chunk in the scene's :class:`BlockStore` instead."""
+    confidence: np.ndarray | None
     valid_pixels: int
     tiles: int
 
@@ -118,8 +120,8 @@ def work_fingerprint(raster: Raster, cfg: SegmentConfig) -> str:
 
 def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: Path, *,
                   stats: SegmentStats | None = None, scores: Path | None = None, keep_tiles: Path | None = None,
-                  progress: Progress | None = None, cleanup: bool = True,
-                  spec: ModelSpec | None = None) -> Iterator[Block]:
+                  progress: Progress | None = None, cleanup: bool = True, spec: ModelSpec | None = None,
+                  store: BlockStore | None = None) -> Iterator[Block]:
     """Run the tile/infer/stitch graph of ``raster`` on ``client``; yield its stitched blocks as they finish.
 
     ``workdir`` is the scratch folder: resumed when it holds this work, and removed once every block has
@@ -127,7 +129,9 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     ``stats`` is filled in as the graph runs; ``scores`` keeps the class probabilities as Zarr there,
     ``keep_tiles`` moves the tile store there at the end. ``progress`` shows the tiles inferred (counted as
     each batch finishes on a worker; a resumed chunk's tiles count as done from the start). ``spec``: the
-    checkpoint's header where the caller has read it (else it is read here).
+    checkpoint's header where the caller has read it (else it is read here). ``store``: the stitch tasks
+    store their chunks there, on the workers, and the blocks yielded carry no arrays (the outputs are then
+    written from the store, :func:`geoseg.write.write_stored`); made afresh here.
     """
     import dask
 
@@ -167,25 +171,11 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
 
         create_scores_store(scores, raster.grid, grid, spec.classes)
     lut = spec.classes.index_to_id()
+    if store is not None:
+        store.create(grid)
 
-    # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits for
-    # the tile tasks of its 3 x 3 neighbourhood, not for the whole scene, and stitching a chunk waits for the
-    # inference of its neighbourhood. Built from delayed tasks rather than dask.array blocks: annotations on
-    # array layers do not reach the scheduler in this dask (2026.8), and the priority and GPU resource must.
-    tiled = {(i, j): dask.delayed(run_once, pure=False)(
-        markers, "tile", i, j, write_chunk, raster, tiles_path, grid, i, j,
-        dask_key_name=f"geoseg-tile-{token}-{i}-{j}") for i in range(ny) for j in range(nx)}
-    # Longest chunks first (LPT): left to Dask's order a 9-tile chunk could start last and run alone while
-    # the other threads idle (2048^2 on 2 threads: 10.5 s instead of 9.3 s of inference).
     tiles_in = grid.tiles_per_chunk()
-    inferred = {}
-    for (i, j), own in tiled.items():
-        with dask.annotate(**infer_annotations(device, int(tiles_in[i, j]), limited)):
-            inferred[i, j] = dask.delayed(run_once, pure=False)(
-                markers, "infer", i, j, infer_chunk, tiles_path, acc_path, layout, i, j, key, settings, own,
-                after=[tiled[n] for n in grid.neighbours(i, j)], dask_key_name=f"geoseg-infer-{token}-{i}-{j}")
     scores_path = str(scores) if scores is not None else None
-
     refine = refine_settings(cfg, spec)
     grown = halo(refine.radius) if refine is not None else 0
 
@@ -196,13 +186,33 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     def finish(n_tiles: int, i: int, j: int, after: list) -> Block:  # noqa: ARG001 - after: dependencies
         labels, conf, n_valid = stitch_chunk(acc_path, tiles_path, layout, i, j, lut, cfg.nodata, scores_path,
                                              refine)
-        return Block(grid.chunk_window(i, j), labels, conf, n_valid, n_tiles)
+        window = grid.chunk_window(i, j)
+        if store is None:
+            return Block(window, labels, conf, n_valid, n_tiles)
+        store.store(window, labels, conf)
+        return Block(window, None, None, n_valid, n_tiles)
 
-    # A finished stitch frees its chunk for the writer: run it before starting more inference.
-    with dask.annotate(priority=1_000_000):
-        tasks = [dask.delayed(finish, pure=False)(inferred[i, j], i, j, [inferred[n] for n in waits_for(i, j)],
-                                                  dask_key_name=f"geoseg-stitch-{token}-{i}-{j}")
-                 for i in range(ny) for j in range(nx)]
+    def submit_graph() -> list:
+        """Submit every task of the scene; returns the stitch futures (they hold the others)."""
+        # One graph, so reading the raster into Zarr overlaps with inference: the inference of a chunk waits
+        # for the tile tasks of its 3 x 3 neighbourhood, not for the whole scene, and stitching a chunk waits
+        # for the inference of its neighbourhood. Each task is submitted with its own priority and resources:
+        # dask.annotate on delayed tasks also annotated their dependencies in this dask (2026.8), and the
+        # tile tasks held the inference slot meant for inference alone.
+        submit = client.submit
+        tiled = {(i, j): submit(run_once, markers, "tile", i, j, write_chunk, raster, tiles_path, grid, i, j,
+                                key=f"geoseg-tile-{token}-{i}-{j}") for i in range(ny) for j in range(nx)}
+        # Longest chunks first (LPT): left to Dask's order a 9-tile chunk could start last and run alone
+        # while the other threads idle (2048^2 on 2 threads: 10.5 s instead of 9.3 s of inference).
+        inferred = {(i, j): submit(run_once, markers, "infer", i, j, infer_chunk, tiles_path, acc_path, layout,
+                                   i, j, key, settings, own, after=[tiled[n] for n in grid.neighbours(i, j)],
+                                   key=f"geoseg-infer-{token}-{i}-{j}",
+                                   **infer_annotations(device, int(tiles_in[i, j]), limited))
+                    for (i, j), own in tiled.items()}
+        # A finished stitch frees its chunk for the writer: run it before starting more inference.
+        return [submit(finish, inferred[i, j], i, j, [inferred[n] for n in waits_for(i, j)],
+                       key=f"geoseg-stitch-{token}-{i}-{j}", priority=1_000_000)
+                for i in range(ny) for j in range(nx)]
 
     done_chunks = {(int(m.name.split("-")[1]), int(m.name.split("-")[2])) for m in scratch.markers.glob("infer-*")}
     resumed = int(sum(tiles_in[c] for c in done_chunks))
@@ -213,7 +223,7 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
             stage = stack.enter_context(progress.stage("segmenting", int(tiles_in.sum()), "tiles", done=resumed))
             client.subscribe_topic(topic, lambda event: stage.advance(int(event[1])))
             stack.callback(client.unsubscribe_topic, topic)
-        for block in iter_results(tasks, client):
+        for block in iter_results(submit_graph(), client):
             stats.tiles_inferred += block.tiles
             stats.valid_pixels += block.valid_pixels
             yield block
