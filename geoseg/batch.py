@@ -21,9 +21,11 @@ import glob
 import io
 import json
 import logging
+import os
 import re
+import socket
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -151,6 +153,8 @@ class SceneRow:
     status: str = "pending"
     """pending, running, done, skipped, failed or interrupted."""
     seconds: float = 0.0
+    started: str | None = None
+    """When the scene began to run (UTC, seconds)."""
     landcover: str = ""
     error: str = ""
     failure: str = ""
@@ -268,7 +272,9 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
              f", {remembered} known to fail (--retry-failed to retry)" if remembered else "")
 
     key = model_key(cfg.segment)  # the device, precision and model every scene's inference uses
-    pool = ThreadPoolExecutor(max_workers=cfg.batch.concurrent_scenes, thread_name_prefix="geoseg-scene")
+    progress = _Progress(report, started)
+    progress.write()
+    pool: ThreadPoolExecutor | None = None
     running: dict[Future, SceneRow] = {}
     try:
         if todo:
@@ -277,11 +283,16 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
                 log_directory=str(cfg.output_dir / "logs" / "workers"))
             with opened as c, model_on_workers(c, key):
                 # The batch holds the model on the workers: scenes reuse it, whatever their settings.
+                pool = ThreadPoolExecutor(max_workers=concurrent_scenes(cfg, c), thread_name_prefix="geoseg-scene")
                 for scene_cfg, scene, row in todo:
-                    row.status = "running"
-                    running[pool.submit(_run_scene, scene_cfg, scene, c, force)] = row
-                for fut in as_completed(running):
-                    running[fut].update(**fut.result())
+                    running[pool.submit(_run_scene, scene_cfg, scene, c, force, row)] = row
+                progress.write()
+                pending = set(running)
+                while pending:
+                    finished, pending = wait(pending, timeout=MANIFEST_EVERY_S, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        running[fut].update(**fut.result())
+                    progress.write(due=True)
     except BaseException as exc:
         stopping = isinstance(exc, KeyboardInterrupt) or interrupt.requested()
         # Scenes in flight see the request at their next check (within a second) and end as interrupted.
@@ -300,9 +311,25 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
                                error=str(exc) if isinstance(exc, GeosegError) else f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        _write_manifest(report, started)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        _write_manifest(report, started, finished=True)
     return report
+
+
+#: Most scenes in flight under ``batch.concurrent_scenes: auto`` (each is a thread of the client).
+MAX_CONCURRENT_SCENES = 256
+
+
+def concurrent_scenes(cfg: PipelineConfig, client: Client) -> int:
+    """Scenes in flight at once: ``batch.concurrent_scenes``, or for auto one per inference slot plus one."""
+    from geoseg.cluster import inference_slots
+
+    if cfg.batch.concurrent_scenes != "auto":
+        return int(cfg.batch.concurrent_scenes)
+    n = min(MAX_CONCURRENT_SCENES, max(2, inference_slots(client, cfg.cluster) + 1))
+    log.info("batch: %d scenes in flight at once (batch.concurrent_scenes: auto)", n)
+    return n
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -318,9 +345,10 @@ def failure_kind(exc: BaseException) -> str:
     return "cluster" if isinstance(exc, ClusterError) else "transient"
 
 
-def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool) -> dict[str, Any]:
+def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool, row: SceneRow) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
+    row.update(status="running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     try:
         interrupt.check()
         result = run_pipeline(cfg, client=client, progress=False, item_id=scene.name, source=scene.source,
@@ -343,15 +371,81 @@ def _run_scene(cfg: PipelineConfig, scene: Scene, client: Client, fresh: bool) -
     return out
 
 
-def _write_manifest(report: BatchReport, started: datetime) -> None:
-    columns = ["scene", "status", "seconds", "input", "output_dir", "landcover", "failure", "error"]
+#: Seconds between two rewrites of the manifest while scenes finish: the night's progress on disk.
+MANIFEST_EVERY_S = 2.0
+
+
+class _Progress:
+    """The batch manifest rewritten while the batch runs, at most every :data:`MANIFEST_EVERY_S` seconds."""
+
+    def __init__(self, report: BatchReport, started: datetime) -> None:
+        self.report, self.started = report, started
+        self._last, self._seen = 0.0, ""
+
+    def write(self, due: bool = False) -> None:
+        """Rewrite the manifest (``due``: only if it changed and the last rewrite is old enough)."""
+        now = time.monotonic()
+        state = repr([(r.status, r.seconds) for r in self.report.rows])
+        if due and (state == self._seen or now - self._last < MANIFEST_EVERY_S):
+            return
+        _write_manifest(self.report, self.started, finished=False)
+        self._last, self._seen = now, state
+
+
+def _write_manifest(report: BatchReport, started: datetime, finished: bool) -> None:
+    """``batch.csv``, then ``batch.json``, each replaced atomically; ``finished``: the batch has ended."""
+    columns = ["scene", "status", "seconds", "started", "input", "output_dir", "landcover", "failure", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     rows = [r.to_dict() for r in report.rows]
     writer.writerows(rows)
     write_text_atomic(report.path.with_suffix(".csv"), buf.getvalue())
-    # The JSON manifest is written last: when it says so, every scene's outputs are final.
-    summary = {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+    # The JSON manifest is written last: when it says the batch finished, every scene's outputs are final.
+    now = datetime.now(timezone.utc).isoformat()
+    summary = {"state": "finished" if finished else "running", "pid": os.getpid(), "host": socket.gethostname(),
+               "started": started.isoformat(), "updated": now, **({"finished": now} if finished else {}),
                "counts": report.counts(), "ok": report.ok, "scenes": rows}
     write_text_atomic(report.path, json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def batch_status(folder: Path, slowest: int = 5) -> str:
+    """What the batch manifest in ``folder`` says: state, counts, the running, failed and slowest scenes.
+
+    A manifest left ``running`` by a batch process that is gone (killed, its node lost) says so.
+    """
+    from geoseg.transaction import FolderLock
+
+    path = Path(folder) / BATCH_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        rows = list(data["scenes"])
+    except FileNotFoundError:
+        raise InputError(f"{path}: no batch manifest here; is {folder} the output_dir of a geoseg batch?") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a batch manifest ({exc})") from None
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
+    state = data.get("state", "finished")
+    if state == "running":
+        holder = FolderLock(Path(folder)).holder()
+        if holder is None or holder.get("what") != "batch":
+            state = ("stopped before it finished (the batch process is gone: killed or its node lost); "
+                     "rerun the batch to continue")
+        else:
+            state = f"running (pid {holder.get('pid')} on {holder.get('host')})"
+    lines = [f"{path}: {state}; updated {data.get('updated', data.get('finished', '?'))}",
+             f"{len(rows)} scenes: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))]
+    now = datetime.now(timezone.utc)
+    for r in rows:
+        if r.get("status") == "running" and r.get("started"):
+            since = (now - datetime.fromisoformat(r["started"])).total_seconds()
+            lines.append(f"  running  {r['scene']}: for {since:.0f}s")
+    for r in rows:
+        if r.get("status") in ("failed", "interrupted"):
+            lines.append(f"  {r['status']:<8} {r['scene']}: {r.get('error', '')}")
+    done = sorted((r for r in rows if r.get("status") == "done"), key=lambda r: -float(r.get("seconds", 0)))
+    for r in done[:slowest]:
+        lines.append(f"  slowest  {r['scene']}: {float(r.get('seconds', 0)):.1f}s")
+    return "\n".join(lines)

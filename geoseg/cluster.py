@@ -285,12 +285,27 @@ def tasks_per_host(client: Client) -> tuple[int, bool]:
     return max(per_host.values(), default=1), limited
 
 
+def inference_slots(client: Client, cfg: ClusterConfig | None = None) -> int:
+    """Inference tasks the cluster runs at once: its workers' INFER slots (task threads for plain workers).
+
+    For SLURM/PBS (``cfg``) the most the adaptive cluster will have, whatever has joined so far.
+    """
+    slots = 0
+    for w in client.scheduler_info().get("workers", {}).values():
+        slots += int(w.get("resources", {}).get(INFER, 0)) or int(w.get("nthreads", 1))
+    if cfg is not None and cfg.backend in ("slurm", "pbs"):
+        jq = cfg.jobqueue
+        per_worker = 1 if jq.gpus else max(1, min(cfg.infer_per_worker, jq.cores // jq.processes))
+        slots = max(slots, jq.maximum_jobs * jq.processes * per_worker)
+    return slots
+
+
 def iter_results(tasks: list, client: Client | None = None) -> Iterator[Any]:
     """Run Dask ``tasks`` (or wait for futures submitted already) and yield each result as it is done.
 
-    Results come in completion order. On the cluster of ``client`` when given; otherwise on two local threads (each task on the synchronous
-    scheduler). Results are handed over and dropped one by one, so they never pile up in memory; when the
-    consumer stops early, the tasks not yet done are cancelled.
+    Results come in completion order. On the cluster of ``client`` when given; otherwise on two local
+    threads (each task on the synchronous scheduler). Results are handed over and dropped one by one, so
+    they never pile up in memory; when the consumer stops early, the tasks not yet done are cancelled.
     """
     if client is not None:
         from distributed import Future

@@ -49,5 +49,6 @@ def output_fingerprint(cfg: PipelineConfig) -> str:
     if cfg.input is None:
         raise ValueError("a fingerprint needs an input")
     config = {k: v for k, v in dump_config(cfg).items() if k not in NOT_OUTPUT}
+    config["write"].pop("on_workers", None)  # where the outputs are written, not what they hold
     return digest({"geoseg": __version__, "input": input_identity(cfg.input), "model": model_digest(cfg.model),
                    "config": config})

@@ -32,7 +32,10 @@ from geoseg.progress import Progress
 if TYPE_CHECKING:
     from distributed import Client
 
+    from geoseg.grid import RasterGrid
     from geoseg.read import Raster
+    from geoseg.segment import BlockStore
+    from geoseg.write import SceneWriter
 
 log = logging.getLogger("geoseg")
 
@@ -343,7 +346,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
     from geoseg.cluster import open_client
     from geoseg.read import read_raster
-    from geoseg.segment import SegmentStats, model_key, segment_scene
+    from geoseg.segment import BlockStore, SegmentStats, model_key, segment_scene
     from geoseg.workerenv import GDAL_CACHE_MB
     from geoseg.write import SceneWriter
 
@@ -369,19 +372,25 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         if cfg.cluster.dashboard and client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
 
-        writer = SceneWriter(staged, raster.grid, spec.classes, cfg.write)
-        stack.callback(writer.abort)
-        lc_path = writer.landcover
+        on_workers = writes_on_workers(cfg)
+        writer = None
+        if not on_workers:
+            writer = SceneWriter(staged, raster.grid, spec.classes, cfg.write)
+            stack.callback(writer.abort)
         scores = staged / "scores.zarr" if cfg.write.keep_scores else None
+        store = BlockStore(str(out_dir / WORK_DIR / "blocks.zarr"), cfg.write.nodata,
+                           cfg.write.confidence) if on_workers else None
 
         stats = SegmentStats()
         kept = staged / "tiles.zarr" if cfg.write.keep_tiles else None
         # The scratch folder outlives the segmentation: a run stopped in a later stage resumes from it.
         blocks = segment_scene(raster, cfg.segment, client, out_dir / WORK_DIR, stats=stats, scores=scores,
-                               keep_tiles=kept, progress=progress, cleanup=False, spec=spec)
+                               keep_tiles=kept, progress=progress, cleanup=False, spec=spec, store=store)
         with _timed(timings, "tile_infer_stitch"):
             for block in blocks:
-                writer.write(block.window, block.labels, block.confidence)
+                if writer is not None:
+                    assert block.labels is not None and block.confidence is not None
+                    writer.write(block.window, block.labels, block.confidence)
                 _faults.point("infer")
                 interrupt.check()
         _faults.point("segmented")
@@ -389,33 +398,120 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             device=stats.device, precision=stats.precision, chunks=list(stats.chunks),
             chunks_resumed=stats.chunks_resumed, chunks_inferred=stats.chunks_inferred,
             task_seconds=stats.task_seconds, valid_pixels=stats.valid_pixels, tiles_inferred=stats.tiles_inferred)
-        with _timed(timings, "write"), _stage(progress, "writing the COG (tiles, overviews)"):
-            result.outputs.update(writer.close())
-            if scores is not None:
-                result.outputs["scores"] = str(scores)
-            if kept is not None:
-                result.outputs["tiles"] = str(kept)
-        if cfg.vectorize.enabled:
-            from geoseg.vectorize import vectorize_classes
-
-            with _timed(timings, "vectorize"):
-                info = vectorize_classes(lc_path, staged / cfg.vectorize.output, cfg.vectorize, client=client,
-                                         timestamp=_timestamp(cfg.input), progress=progress)
-            result.outputs["vector"] = info["path"]
-            if info["style"]:
-                result.outputs["vector_style"] = info["style"]
-            result.stats["polygons"] = info["features"]
-        if cfg.evaluate.reference is not None:
-            from geoseg.evaluate import evaluate_iou
-            from geoseg.report import write_reports
-
-            with _timed(timings, "evaluate"):
-                metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client, progress=progress),
-                                  prediction=str(out_dir / lc_path.name))  # where it will be, not the staged copy
-                _faults.point("evaluate")
-                result.outputs.update(write_reports(metrics, staged))
-            result.metrics = metrics.summary()
+        if scores is not None:
+            result.outputs["scores"] = str(scores)
+        if kept is not None:
+            result.outputs["tiles"] = str(kept)
+        if writer is not None:
+            done = finish_scene(cfg, spec, raster.grid, staged, writer, client=client, progress=progress)
+        else:
+            assert store is not None
+            done = _finish_on_a_worker(client, cfg, spec, raster.grid, staged, store, progress)
+        result.outputs.update(done.outputs)
+        timings.update(done.timings)
+        if done.polygons is not None:
+            result.stats["polygons"] = done.polygons
+        result.metrics = done.metrics
     return raster
+
+
+def writes_on_workers(cfg: PipelineConfig) -> bool:
+    """Whether a run of ``cfg`` writes its outputs on the workers (``write.on_workers``, auto resolved)."""
+    on = cfg.write.on_workers
+    return cfg.cluster.backend != "local" if on == "auto" else bool(on)
+
+
+@dataclass
+class Finished:
+    """What the stages after the segmentation produced: outputs by name, timings, polygons, metrics."""
+
+    outputs: dict[str, str]
+    timings: dict[str, float]
+    polygons: int | None = None
+    metrics: dict[str, Any] | None = None
+
+
+def finish_scene(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged: Path, writer: SceneWriter, *,
+                 client: Client | None = None, progress: Progress | None = None) -> Finished:
+    """The stages after the segmentation, into ``staged``: finish the COGs of ``writer``, vectorize, evaluate.
+
+    ``client``: the cluster the vectorize and evaluate tasks run on (None: local threads).
+    """
+    assert cfg.input is not None
+    timings: dict[str, float] = {}
+    done = Finished({}, timings)
+    lc_path = writer.landcover
+    with _timed(timings, "write"), _stage(progress, "writing the COG (tiles, overviews)"):
+        done.outputs.update(writer.close())
+    if cfg.vectorize.enabled:
+        from geoseg.vectorize import vectorize_classes
+
+        with _timed(timings, "vectorize"):
+            info = vectorize_classes(lc_path, staged / cfg.vectorize.output, cfg.vectorize, client=client,
+                                     timestamp=_timestamp(cfg.input), progress=progress)
+        done.outputs["vector"] = info["path"]
+        if info["style"]:
+            done.outputs["vector_style"] = info["style"]
+        done.polygons = info["features"]
+    if cfg.evaluate.reference is not None:
+        from geoseg.evaluate import evaluate_iou
+        from geoseg.report import write_reports
+
+        with _timed(timings, "evaluate"):
+            metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client, progress=progress),
+                              prediction=str(cfg.output_dir / lc_path.name))  # where it will be, not staged
+            _faults.point("evaluate")
+            done.outputs.update(write_reports(metrics, staged))
+        done.metrics = metrics.summary()
+    return done
+
+
+def finish_stored(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged: str, store: BlockStore,
+                  remote: tuple[str, int] | None = None) -> Finished:
+    """:func:`finish_scene` from the blocks the stitch tasks stored: one Dask task on a worker.
+
+    Its vectorize and evaluate run on the worker's own threads. ``remote``: the client's fault point
+    (:func:`geoseg._faults.arm`).
+    """
+    import rasterio
+
+    from geoseg.segment import tile_grid
+    from geoseg.workerenv import GDAL_CACHE_MB
+    from geoseg.write import SceneWriter
+
+    error = None
+    with _faults.arm(remote), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        writer = SceneWriter(Path(staged), grid, spec.classes, cfg.write)
+        try:
+            t0 = time.perf_counter()
+            for window, labels, conf in store.blocks(tile_grid(grid.height, grid.width, cfg.segment)):
+                writer.write_encoded(window, labels, conf)
+            reading = time.perf_counter() - t0
+            done = finish_scene(cfg, spec, grid, Path(staged), writer)
+            done.timings["write"] = round(done.timings["write"] + reading, 3)  # the blocks' copy included
+            return done
+        except GeosegError as exc:
+            # As in run_once: the exception alone, without a context chain that may not pickle (GDAL's).
+            error = type(exc)(*exc.args)
+        finally:
+            writer.abort()
+    raise error
+
+
+def _finish_on_a_worker(client: Client, cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged: Path,
+                        store: BlockStore, progress: Progress | None) -> Finished:
+    """Run :func:`finish_stored` on a worker and wait for it (stop requests and the workers' health checked)."""
+    from geoseg.cluster import completed
+
+    future = client.submit(finish_stored, cfg, spec, grid, str(staged), store, _faults.armed(), pure=False,
+                           key=f"geoseg-finish-{cfg.output_dir.name}-{time.time_ns()}")
+    try:
+        with _stage(progress, "writing the outputs on a worker"):
+            for _ in completed(client, [future]):
+                pass
+        return future.result()
+    finally:
+        future.release()
 
 
 def _domain_guard(cfg: PipelineConfig, raster: Raster, spec: ModelSpec) -> dict[str, Any]:

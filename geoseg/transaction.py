@@ -88,6 +88,13 @@ class FolderLock:
         except (OSError, ValueError):
             return {}
 
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock now (host, pid, started, what), or None when nobody alive does."""
+        if not self.path.exists():
+            return None
+        holder = self._holder()
+        return None if self._stale(holder) else holder
+
     def _stale(self, holder: dict[str, Any]) -> bool:
         if not holder:  # empty or torn: a holder killed while writing it, or one writing it right now
             try:

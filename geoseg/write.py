@@ -300,10 +300,17 @@ class SceneWriter:
 
     def write(self, window: Window, labels: np.ndarray, confidence: np.ndarray) -> None:
         """One block: class ids (``cfg.nodata`` where invalid) and the top-class probability."""
+        encoded = None
+        if self.confidence is not None:
+            encoded = encode_confidence(confidence, labels != self.cfg.nodata, self.cfg.confidence)
+        self.write_encoded(window, labels, encoded)
+
+    def write_encoded(self, window: Window, labels: np.ndarray, confidence: np.ndarray | None) -> None:
+        """One block whose confidence is in its output encoding already (:func:`encode_confidence`)."""
         self._writers[0].write(window, labels)
         if len(self._writers) > 1:
-            known = labels != self.cfg.nodata
-            self._writers[1].write(window, encode_confidence(confidence, known, self.cfg.confidence))
+            assert confidence is not None
+            self._writers[1].write(window, confidence)
 
     def close(self) -> dict[str, str]:
         """Finish every output; their paths by output name (landcover, qgis_style, categories, confidence...)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -41,6 +42,14 @@ def read(path: Path) -> np.ndarray:
 
 def outputs_of(out_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
     return {n: read(out_dir / n / "landcover.tif") for n in names}
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of each output file of a scene folder but those that name the folder or the time of the run."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in ("run.json", "item.json", "pipeline-config.json")}
 
 
 def statuses(report) -> dict[str, str]:  # noqa: ANN001
@@ -139,19 +148,23 @@ def test_real_scheduler_and_workers_survive_a_killed_worker(tmp_path, client, un
     paths = scenes_in(tmp_path / "in", shape=(320, 288))
     scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
     common = {"tile": {"size": 64, "overlap": 16, "chunk_tiles": 1}, "infer": {"torch_threads": 1},
-              "vectorize": {"enabled": False}}
+              "write": {"confidence": "uint8"}, "vectorize": {"block": 64}}
     local = run_batch(pipeline_config(paths[0], unet_checkpoint, tmp_path / "local", **common), scenes,
                       client=client)
     assert local.ok
     expected = outputs_of(tmp_path / "local", [s.name for s in scenes])
+    written = {s.name: file_digests(tmp_path / "local" / s.name) for s in scenes}
 
     with dask_processes(tmp_path) as (address, workers):
         remote = pipeline_config(paths[0], unet_checkpoint, tmp_path / "remote", **common,
                                  cluster={"backend": "address", "address": address})
         report = run_batch(remote, scenes)
         assert statuses(report) == {s.name: "done" for s in scenes}
-        got = outputs_of(tmp_path / "remote", [s.name for s in scenes])
-        assert all(np.array_equal(got[n], expected[n]) for n in expected)
+        # Written on the two workers (write.on_workers is on for a scheduler's address) and streamed to the
+        # one client for the local batch: the same bytes in every output file.
+        assert {s.name: file_digests(tmp_path / "remote" / s.name) for s in scenes} == written
+        assert all(json.loads((tmp_path / n / s.name / "pipeline-config.json").read_text())["write"]["on_workers"]
+                   == "auto" for n in ("local", "remote") for s in scenes)
 
         # again, killing one worker once inference has started: its tasks are redone on the other
         killed = tmp_path / "killed"
@@ -335,3 +348,105 @@ def test_nightly_script_runs_the_batch_with_a_log_per_night(tmp_path, fcn_checkp
     assert "2 done" in (tmp_path / "lc" / "logs" / "2026-11-22" / "batch.log").read_text()
     manifest = json.loads((tmp_path / "lc" / "2026-11-22" / "batch.json").read_text())
     assert manifest["ok"] and [r["scene"] for r in manifest["scenes"]] == ["scene0", "scene1"]
+
+
+def test_the_manifest_shows_the_night_while_it_runs(tmp_path, client, fcn_checkpoint, monkeypatch):  # noqa: ANN001
+    """batch.json/.csv are rewritten as scenes finish: a scene starting sees the ones before it done, itself
+    running and the rest pending; --status summarises it."""
+    import geoseg.batch as batch
+    from geoseg.batch import batch_status
+
+    paths = scenes_in(tmp_path / "in", n=3)
+    scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
+    cfg = pipeline_config(paths[0], fcn_checkpoint, tmp_path / "out", tile={"size": 64, "overlap": 16},
+                          vectorize={"enabled": False}, batch={"concurrent_scenes": 1})
+    monkeypatch.setattr(batch, "MANIFEST_EVERY_S", 0.0)
+    seen: list[dict[str, str]] = []
+    real = batch.run_pipeline
+
+    def watching(scene_cfg, **kw):  # noqa: ANN001, ANN003
+        time.sleep(0.2)  # the batch loop's wait ends within MANIFEST_EVERY_S: it has rewritten the manifest
+        data = json.loads((tmp_path / "out" / "batch.json").read_text())
+        assert data["state"] == "running" and data["pid"] == os.getpid()
+        seen.append({r["scene"]: r["status"] for r in data["scenes"]})
+        with open(tmp_path / "out" / "batch.csv") as f:
+            assert [r["status"] for r in csv.DictReader(f)] == list(seen[-1].values())
+        return real(scene_cfg, **kw)
+
+    monkeypatch.setattr(batch, "run_pipeline", watching)
+    report = run_batch(cfg, scenes)
+    names = [s.name for s in scenes]
+    assert seen[0] == dict(zip(names, ["running", "pending", "pending"]))
+    assert seen[1] == dict(zip(names, ["done", "running", "pending"]))
+    assert seen[2] == dict(zip(names, ["done", "done", "running"]))
+    final = json.loads(report.path.read_text())
+    assert final["state"] == "finished" and final["counts"] == {"done": 3}
+    assert all(r["started"] for r in final["scenes"])
+    status = batch_status(tmp_path / "out")
+    assert status.splitlines()[0].endswith(final["updated"]) and ": finished;" in status
+    assert "3 scenes: 3 done" in status and status.count("slowest") == 3
+
+
+@pytest.mark.slow
+def test_a_sigkilled_batch_leaves_a_true_record(tmp_path, fcn_checkpoint):  # noqa: ANN001
+    """kill -9 of the client mid-batch: the manifest on disk still parses, holds the scenes finished so far,
+    and --status says the batch is gone; the rerun finishes the rest."""
+    paths = scenes_in(tmp_path / "in", n=8, shape=(400, 430))
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({
+        "model": str(fcn_checkpoint), "output_dir": str(tmp_path / "out"), "tile": {"size": 64, "overlap": 16},
+        "vectorize": {"enabled": False}, "batch": {"concurrent_scenes": 1},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1}}))
+    cmd = [sys.executable, "-m", "geoseg", "-q", "batch", str(pipe), "--scenes", str(tmp_path / "in" / "*.tif")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    manifest = tmp_path / "out" / "batch.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            try:
+                if json.loads(manifest.read_text())["counts"].get("done", 0) >= 1:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    data = json.loads(manifest.read_text())
+    assert data["state"] == "running" and 1 <= data["counts"]["done"] < len(paths)
+    for r in data["scenes"]:
+        assert r["status"] in ("done", "running", "pending")
+        assert (r["status"] == "done") == (Path(r["output_dir"]) / "run.json").exists()
+    status = subprocess.run([*cmd[:4], "batch", "--status", str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0 and "stopped before it finished" in status.stdout, status
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    k = data["counts"]["done"]
+    assert json.loads(manifest.read_text())["counts"] == {"skipped": k, "done": len(paths) - k}
+
+
+def test_auto_concurrency_keeps_every_inference_slot_busy(tmp_path, fcn_checkpoint):  # noqa: ANN001
+    from geoseg.batch import MAX_CONCURRENT_SCENES, concurrent_scenes
+
+    class Scheduler:
+        def __init__(self, workers: list[dict]) -> None:
+            self.workers = workers
+
+        def scheduler_info(self) -> dict:
+            return {"workers": {f"tcp://w{k}": w for k, w in enumerate(self.workers)}}
+
+    gpus = Scheduler([{"nthreads": 1, "resources": {"GPU": 1, "infer": 1}}] * 8)
+    cpus = Scheduler([{"nthreads": 4, "resources": {"infer": 2}}] * 3)
+    plain = Scheduler([{"nthreads": 3}])
+    x = scenes_in(tmp_path, n=1)[0]
+    cfg = pipeline_config(x, fcn_checkpoint, tmp_path / "out")
+    assert [concurrent_scenes(cfg, c) for c in (gpus, cpus, plain, Scheduler([]))] == [9, 7, 4, 2]
+    assert concurrent_scenes(cfg, Scheduler([{"nthreads": 1, "resources": {"infer": 1}}] * 1000)) == \
+        MAX_CONCURRENT_SCENES
+    # an adaptive SLURM cluster: planned from its most jobs, before they have joined
+    slurm = pipeline_config(x, fcn_checkpoint, tmp_path / "out", cluster={
+        "backend": "slurm", "jobqueue": {"maximum_jobs": 5, "gpus": 1}})
+    assert concurrent_scenes(slurm, Scheduler([])) == 6
+    fixed = pipeline_config(x, fcn_checkpoint, tmp_path / "out", batch={"concurrent_scenes": 3})
+    assert concurrent_scenes(fixed, gpus) == 3

@@ -110,6 +110,38 @@ def test_identical_across_workers_and_reruns(tmp_path, client, fcn_checkpoint, s
         assert np.array_equal(one, run("c", two_workers))
 
 
+def test_outputs_written_on_the_workers_are_the_bytes_the_client_writes(tmp_path, client, fcn_checkpoint,
+                                                                        sample_scene):  # noqa: ANN001
+    """write.on_workers: every output of the worker-side path (COGs, styles, categories, GeoPackage, reports,
+    scores) byte for byte the streaming path's, run into the same folder (outputs name their folder)."""
+    import shutil
+
+    from tests.test_transaction import digests
+
+    out = tmp_path / "out"
+
+    def run(on_workers: bool) -> dict[str, str]:
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = pipeline_config(sample_scene.image, fcn_checkpoint, out, tile={"size": 64, "overlap": 16},
+                              write={"confidence": "uint8", "keep_scores": True, "on_workers": on_workers},
+                              vectorize={"block": 64}, evaluate={"reference": str(sample_scene.labels)})
+        result = run_pipeline(cfg, client=client)
+        assert {"landcover", "confidence", "vector", "scores", "categories"} <= set(result.outputs)
+        assert result.metrics is not None and result.stats["polygons"] > 0
+        assert not (out / ".geoseg-work").exists()
+        found = digests(out)
+        found.pop("pipeline-config.json")  # records write.on_workers itself
+        return found
+
+    from distributed import get_task_stream
+
+    streamed = run(False)
+    assert len([n for n in streamed if not n.startswith("scores.zarr")]) >= 10
+    with get_task_stream(client) as stream:
+        assert run(True) == streamed
+    assert [r for r in stream.data if str(r["key"]).startswith("geoseg-finish-out-")]  # it ran as a task
+
+
 def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_path, fcn_checkpoint, monkeypatch):  # noqa: ANN001
     """Longest chunks first, and GPU tasks restricted to GPU workers, as the scheduler sees them."""
     from distributed import Client, LocalCluster

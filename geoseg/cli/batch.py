@@ -4,30 +4,44 @@ from __future__ import annotations
 
 import click
 
-from geoseg.cli.options import config_argument, overwrite_option, set_option, verbosity
+from geoseg.cli.options import overwrite_option, set_option, verbosity
 
 
 @click.command("batch")
-@config_argument
-@click.option("--scenes", "scenes_spec", required=True,
+@click.argument("config", required=False, type=click.Path(dir_okay=True, path_type=str))
+@click.option("--scenes", "scenes_spec",
               help="Glob (quoted), text file with one raster path per line, or STAC ItemCollection JSON.")
 @set_option
 @overwrite_option
 @click.option("--force", is_flag=True, help="Redo every scene, also those finished with the same inputs and config.")
 @click.option("--retry-failed", is_flag=True, help="Run scenes again whose unchanged input failed in an earlier batch.")
 @click.option("--allow-empty", is_flag=True, help="Succeed when --scenes matches nothing (a night without scenes).")
+@click.option("--status", "status_of", type=click.Path(file_okay=False, path_type=str), metavar="OUTPUT_DIR",
+              help="Print the progress of the batch writing into OUTPUT_DIR (or its end): counts, the running, "
+              "failed and slowest scenes; runs nothing.")
 @verbosity
-def command(config: str, scenes_spec: str, overrides: tuple[str, ...], overwrite: bool, force: bool,
-            retry_failed: bool, allow_empty: bool) -> None:
+def command(config: str | None, scenes_spec: str | None, overrides: tuple[str, ...], overwrite: bool, force: bool,
+            retry_failed: bool, allow_empty: bool, status_of: str | None) -> None:
     """Run the pipeline on every scene into OUTPUT_DIR/<scene>/; skip finished scenes; write batch.json/.csv.
+
+    The manifest is rewritten as scenes finish (every few seconds at most): ``geoseg batch --status
+    OUTPUT_DIR`` shows the night's progress.
 
     Exit codes: 0 every scene done or skipped, 3 some scenes failed, 130 interrupted (rerun to continue),
     1 nothing could run (configuration, input, output folder, cluster), 2 a usage error, 4 an internal error
     (a bug in geoseg).
     """
-    from geoseg.batch import expand_scenes, run_batch
+    from pathlib import Path
+
+    from geoseg.batch import batch_status, expand_scenes, run_batch
     from geoseg.errors import EXIT_SCENES_FAILED, NoScenesError
     from geoseg.pipeline import load_pipeline
+
+    if status_of is not None:
+        click.echo(batch_status(Path(status_of)))
+        return
+    if config is None or scenes_spec is None:
+        raise click.UsageError("give a PIPELINE.yaml and --scenes (or --status OUTPUT_DIR)")
 
     # The scenes come from --scenes: the pipeline's own input (a sample scene in the shipped YAMLs) is neither
     # read nor required to exist.

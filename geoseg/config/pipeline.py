@@ -139,6 +139,13 @@ class WriteConfig(_Config):
     datetime: str | None = Field(None, description="Acquisition time of the scene (ISO 8601) for the STAC Item, "
                                  "when the input carries none (TIFFTAG_DATETIME) and no source item gives one.")
     compress: Literal["deflate", "lzw", "zstd", "none"] = Field("deflate", description="GeoTIFF compression.")
+    on_workers: bool | Literal["auto"] = Field(
+        "auto", description="Write the outputs on the Dask workers: the stitch tasks store their blocks in the "
+        "scratch folder and one worker task per scene writes the COGs, vectorizes and evaluates, so the client "
+        "only coordinates (the outputs are byte-identical either way); false streams every block to this "
+        "process and writes there; auto: on the workers unless cluster.backend is local (one machine, where "
+        "streaming saves the store's round trip).",
+    )
     creation_options: dict[str, str] = Field(
         default_factory=dict, description="More GDAL COG creation options for the rasters (geoseg run --co KEY=VALUE), "
         "e.g. {BLOCKSIZE: '256', LEVEL: '9'}; they override geoseg's own.",
@@ -337,10 +344,18 @@ class EvaluateConfig(_Config):
 class BatchConfig(_Config):
     """`geoseg batch`: many scenes on one cluster, one output folder each."""
 
-    concurrent_scenes: int = Field(
-        2, ge=1, description="Scenes in flight at once: their tasks share the workers, and one scene's writing "
-        "overlaps another's inference.",
+    concurrent_scenes: int | Literal["auto"] = Field(
+        "auto", description="Scenes in flight at once: their tasks share the workers, and one scene's writing "
+        "overlaps another's inference; auto: one more than the cluster's inference slots (at least 2, at most "
+        "256), so every slot has a scene to work on; each scene submits 3 tasks per chunk.",
     )
+
+    @field_validator("concurrent_scenes")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return v
     stac_asset: str = Field("image", description="Asset key of the scene raster in STAC items (--scenes items.json).")
 
 

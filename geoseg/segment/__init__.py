@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -149,7 +150,9 @@ def segment_scene(raster: Raster, cfg: SegmentConfig, client: Client, workdir: P
     ny, nx = grid.chunks_shape
     stats.device, stats.precision, stats.chunks = device, precision, (ny, nx)
     per_host, limited = tasks_per_host(client)
-    token = dask.base.tokenize(str(workdir), dump_config(cfg), time.time())
+    # The keys name the scene (its output folder), so the dashboard and task stream tell scenes apart.
+    label = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(workdir).absolute().parent.name)[:48]
+    token = f"{label}.{dask.base.tokenize(str(workdir), dump_config(cfg), time.time())[:16]}"
     topic = f"geoseg-progress-{token}"
     settings = InferSettings(cfg.infer.batch_size, cfg.infer.tta, _threads(cfg, device, per_host, ny * nx),
                              blend=cfg.stitch.blend, topic=topic)
