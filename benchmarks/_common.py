@@ -78,13 +78,30 @@ def sample_scene(size: int, seed: int = 0) -> Path:
     return out / "scene.tif"
 
 
-def machine() -> str:
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide precision: bf16 (AVX-512 BF16, AMX) and AVX-512."""
     import platform
 
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2") if f in flags]
+    return f"{model} [{' '.join(wanted) or 'no avx2/avx512/amx'}]"
+
+
+def machine() -> str:
+    """The machine a figure came from: CPU model and precision flags, cores, memory, torch, threads, CUDA."""
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, "
+    return (f"{cpu_description()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
 
 
