@@ -139,6 +139,13 @@ def run_one(mode: str, paths: list[Path], label: str, args: argparse.Namespace, 
         last[scene] = max(last.get(scene, 0.0), b)
     lag = [(out / s.name / "run.json").stat().st_mtime - last[s.name] for s in scenes if s.name in last]
     chunks = [json.loads((out / s.name / "run.json").read_text())["stats"]["chunks"] for s in scenes]
+    mpix = sum(json.loads((out / s.name / "run.json").read_text())["stats"]["width"]
+               * json.loads((out / s.name / "run.json").read_text())["stats"]["height"] for s in scenes) / 1e6
+    # task seconds per stage and scene megapixel (wall time of the tasks: an upper bound of their CPU here)
+    stage_s: dict[str, float] = {}
+    for key, _, a, b in tasks:
+        stage = key.split("-")[1]
+        stage_s[stage] = stage_s.get(stage, 0.0) + (b - a)
     rss = [r for _, r in samples]
     tenth = rss[max(0, len(rss) // 10)] if rss else rss0
     return {
@@ -154,7 +161,8 @@ def run_one(mode: str, paths: list[Path], label: str, args: argparse.Namespace, 
         "publish_lag_median_s": round(float(np.median(lag)), 3),
         "publish_lag_p95_s": round(float(np.percentile(lag, 95)), 3),
         "slot_idle_mean": round(float(np.mean(idle)), 3), "slot_idle_max": round(float(np.max(idle)), 3),
-        "infer_span_s": round(hi - lo, 2),
+        "infer_span_s": round(hi - lo, 2), "mpix": round(mpix, 2),
+        "task_s_per_mpix": {k: round(v / mpix, 3) for k, v in sorted(stage_s.items())},
     }
 
 
@@ -174,12 +182,25 @@ def main() -> None:
     p.add_argument("--modes", default="client,workers")
     p.add_argument("--no-vectorize", action="store_true")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "geoseg-bench-scale"))
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one mode's client, started by the parent
+    p.add_argument("--address", help=argparse.SUPPRESS)
+    p.add_argument("--sched-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
-    print(f"malloc: {control_malloc(True)}")
+    malloc = control_malloc(True)
+    data = Path(args.data)
+    if args.child:
+        small = make_scenes(data / "scenes", args.scenes, args.size)
+        large = make_scenes(data / "scenes", args.large, args.large_size, seed0=90000)
+        for label, paths in (("small", small), ("large", large)):
+            if paths:
+                print(json.dumps(run_one(args.child, paths, label, args, args.address, args.sched_pid,
+                                         data / "standin-classes.safetensors", Path(args.work))), flush=True)
+        return
+    print(f"malloc: {malloc}")
     print(f"machine: {machine()}")
     from tests.conftest import make_checkpoint
 
-    data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     small = make_scenes(data / "scenes", args.scenes, args.size)
@@ -209,13 +230,17 @@ def main() -> None:
         with Client(address) as c:
             c.wait_for_workers(args.workers, timeout=120)
             c.register_plugin(Record())
+        # Each mode's client is a process of its own, so its memory starts from nothing.
         for mode in args.modes.split(","):
-            for label, paths in (("small", small), ("large", large)):
-                if not paths:
-                    continue
-                r = run_one(mode, paths, label, args, address, sched.pid, model, work)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode, "--address", address,
+                                    "--sched-pid", str(sched.pid), "--work", str(work)],
+                                   capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if child.returncode:
+                raise SystemExit(f"{mode}: {child.stderr[-3000:]}")
+            for line in child.stdout.splitlines():
+                if line.startswith("{"):
+                    results.append(json.loads(line))
+                    print(line, flush=True)
     finally:
         for proc in (workers, sched):
             if proc is not None:
@@ -224,7 +249,9 @@ def main() -> None:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    summary = {"machine": machine(), "args": vars(args), "results": results}
+    summary = {"machine": machine(), "malloc": malloc, "infer_ms_per_tile": args.infer_ms,
+               "args": {k: v for k, v in vars(args).items() if k not in ("child", "address", "sched_pid", "work")},
+               "results": results}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'mode':<8} {'scenes':>7} {'chunks':>6} {'wall s':>7} {'tasks/s':>8} {'sched ms/task':>13} "

@@ -71,7 +71,7 @@ class Scene:
 
 
 #: Names in the batch folder that belong to the batch itself: no scene folder may take one.
-RESERVED = frozenset({BATCH_MANIFEST, "batch.csv", "logs"})
+RESERVED = frozenset({BATCH_MANIFEST, "batch.csv", "logs", "batch-shards"})
 
 
 def scene_name(text: str, taken: set[str]) -> str:
@@ -183,6 +183,9 @@ class BatchReport:
 
     path: Path
     rows: list[SceneRow] = field(default_factory=list)
+    merge: tuple[list[Scene], int] | None = None
+    """For one shard of a batch: every scene of the batch and the number of shards, whose manifests are
+    merged into the batch's own after each write of this one."""
 
     def counts(self) -> dict[str, int]:
         """Scenes per status."""
@@ -203,23 +206,44 @@ class BatchReport:
 
 
 def run_batch(cfg: PipelineConfig, scenes: list[Scene], *, force: bool = False, retry_failed: bool = False,
-              client: Client | None = None) -> BatchReport:
+              client: Client | None = None, shard: tuple[int, int] | None = None) -> BatchReport:
     """Run every scene into ``cfg.output_dir/<scene>/``; failures are recorded, not raised.
 
     ``force`` redoes finished scenes too; ``retry_failed`` runs scenes whose unchanged input failed before.
     ``client``: an existing Dask client instead of ``cfg.cluster``'s. The batch folder is locked for the
     batch, and each scene's folder for its run. A stop request (SIGINT, SIGTERM) ends it within seconds: the
     unfinished scenes are ``interrupted`` in the manifest, and ``KeyboardInterrupt`` is raised.
+
+    ``shard = (k, n)``: run only the scenes ``k, k + n, k + 2n, ...`` of ``scenes`` (one task of a SLURM job
+    array, :func:`geoseg.hpc.submit_array`). Shards of one batch run at once: each locks and records its own
+    part (``batch-shards/K-of-N.json``) and merges every shard's rows into ``batch.json``/``.csv``.
     """
     from geoseg.transaction import FolderLock
 
-    report = BatchReport(cfg.output_dir / BATCH_MANIFEST)
     try:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"output_dir: cannot create {cfg.output_dir} ({exc.strerror})") from None
-    with FolderLock(cfg.output_dir, what="batch"):
-        return _run_batch(cfg, scenes, report, force, retry_failed, client)
+    if shard is None:
+        report = BatchReport(cfg.output_dir / BATCH_MANIFEST)
+        with FolderLock(cfg.output_dir, what="batch"):
+            return _run_batch(cfg, scenes, report, force, retry_failed, client)
+    k, n = shard
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard {k}/{n}: the shard index must be 0 to {n - 1}")
+    (cfg.output_dir / SHARDS).mkdir(exist_ok=True)
+    report = BatchReport(cfg.output_dir / SHARDS / f"{k}-of-{n}.json", merge=(scenes, n))
+    with FolderLock(cfg.output_dir, what=f"batch shard {k}/{n}", name=shard_lock(k, n)):
+        return _run_batch(cfg, scenes[k::n], report, force, retry_failed, client)
+
+
+#: Folder of a sharded batch's per-shard manifests (``K-of-N.json``) in the batch folder.
+SHARDS = "batch-shards"
+
+
+def shard_lock(k: int, n: int) -> str:
+    """Name of the lock file shard ``k`` of ``n`` holds in the batch folder while it runs."""
+    return f".geoseg-shard-{k}-of-{n}.lock"
 
 
 def previous_rows(path: Path) -> dict[str, dict]:
@@ -237,7 +261,7 @@ def _run_batch(cfg: PipelineConfig, scenes: list[Scene], report: BatchReport, fo
     from geoseg.segment.predict import model_on_workers
 
     started = datetime.now(timezone.utc)
-    earlier = previous_rows(report.path)
+    earlier = previous_rows(cfg.output_dir / BATCH_MANIFEST)
     todo: list[tuple[PipelineConfig, Scene, SceneRow]] = []
     remembered = 0
     for scene in scenes:
@@ -393,20 +417,66 @@ class _Progress:
 
 
 def _write_manifest(report: BatchReport, started: datetime, finished: bool) -> None:
-    """``batch.csv``, then ``batch.json``, each replaced atomically; ``finished``: the batch has ended."""
-    columns = ["scene", "status", "seconds", "started", "input", "output_dir", "landcover", "failure", "error"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
+    """``batch.csv``, then ``batch.json``, each replaced atomically; ``finished``: the batch has ended.
+
+    A shard writes its own manifest, then merges every shard's into the batch's (:func:`merge_shards`).
+    """
     rows = [r.to_dict() for r in report.rows]
-    writer.writerows(rows)
-    write_text_atomic(report.path.with_suffix(".csv"), buf.getvalue())
-    # The JSON manifest is written last: when it says the batch finished, every scene's outputs are final.
     now = datetime.now(timezone.utc).isoformat()
     summary = {"state": "finished" if finished else "running", "pid": os.getpid(), "host": socket.gethostname(),
                "started": started.isoformat(), "updated": now, **({"finished": now} if finished else {}),
                "counts": report.counts(), "ok": report.ok, "scenes": rows}
+    if report.merge is None:
+        _write_pair(report.path, summary)
+        return
     write_text_atomic(report.path, json.dumps(summary, indent=2, default=str) + "\n")
+    scenes, n = report.merge
+    merge_shards(report.path.parent.parent, scenes, n)
+
+
+def _write_pair(path: Path, summary: dict[str, Any]) -> None:
+    """Write ``batch.csv`` from ``summary``'s rows, then ``batch.json`` last.
+
+    When ``batch.json`` says the batch finished, every scene's outputs are final.
+    """
+    columns = ["scene", "status", "seconds", "started", "input", "output_dir", "landcover", "failure", "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(summary["scenes"])
+    write_text_atomic(path.with_suffix(".csv"), buf.getvalue())
+    write_text_atomic(path, json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def merge_shards(folder: Path, scenes: list[Scene], n: int) -> None:
+    """Rewrite ``folder``'s batch.json/.csv from the manifests of its ``n`` shards, under a file lock.
+
+    Every scene of the batch gets a row, ``pending`` where its shard has not written one yet; the batch is
+    finished when every shard's manifest says its shard is. The shards' own files stay the record of each.
+    """
+    import fcntl
+
+    with open(folder / ".geoseg-merge.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # shards finishing at once take turns; each write stays atomic
+        shards, rows = [], {}
+        for k in range(n):
+            try:
+                data = json.loads((folder / SHARDS / f"{k}-of-{n}.json").read_text())
+            except (OSError, ValueError):
+                shards.append({"shard": f"{k}/{n}", "state": "pending"})
+                continue
+            shards.append({"shard": f"{k}/{n}", **{key: data.get(key) for key in ("state", "pid", "host", "updated")}})
+            rows.update({r["scene"]: r for r in data.get("scenes", [])})
+        merged = [rows.get(s.name) or SceneRow(s.name, str(s.path), str(folder / s.name)).to_dict() for s in scenes]
+        counts: dict[str, int] = {}
+        for r in merged:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        finished = all(sh["state"] == "finished" for sh in shards)
+        now = datetime.now(timezone.utc).isoformat()
+        _write_pair(folder / BATCH_MANIFEST, {
+            "state": "finished" if finished else "running", "updated": now, **({"finished": now} if finished else {}),
+            "shards": shards, "counts": counts, "ok": all(r["status"] in ("done", "skipped") for r in merged),
+            "scenes": merged})
 
 
 def batch_status(folder: Path, slowest: int = 5) -> str:
@@ -428,15 +498,31 @@ def batch_status(folder: Path, slowest: int = 5) -> str:
     for r in rows:
         counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
     state = data.get("state", "finished")
-    if state == "running":
+    gone = ("stopped before it finished (the batch process is gone: killed or its node lost); rerun the batch "
+            "to continue")
+    shard_lines = []
+    if state == "running" and "shards" in data:
+        live = 0
+        for sh in data["shards"]:
+            k, n = (int(v) for v in sh["shard"].split("/"))
+            holder = FolderLock(Path(folder), name=shard_lock(k, n)).holder()
+            if sh.get("state") == "finished":
+                what = "finished"
+            elif holder is not None:
+                what, live = f"running (pid {holder.get('pid')} on {holder.get('host')})", live + 1
+            else:
+                what = "not started yet" if sh.get("state") == "pending" else "stopped before it finished"
+            shard_lines.append(f"  shard {sh['shard']}: {what}")
+        state = f"running: {live} of {len(data['shards'])} shards at work"
+    elif state == "running":
         holder = FolderLock(Path(folder)).holder()
         if holder is None or holder.get("what") != "batch":
-            state = ("stopped before it finished (the batch process is gone: killed or its node lost); "
-                     "rerun the batch to continue")
+            state = gone
         else:
             state = f"running (pid {holder.get('pid')} on {holder.get('host')})"
     lines = [f"{path}: {state}; updated {data.get('updated', data.get('finished', '?'))}",
-             f"{len(rows)} scenes: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))]
+             f"{len(rows)} scenes: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])),
+             *shard_lines]
     now = datetime.now(timezone.utc)
     for r in rows:
         if r.get("status") == "running" and r.get("started"):

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,47 @@ def adapt(cluster: Any, cfg: ClusterConfig) -> None:
     policy = _adaptive_class(jq.max_pending_jobs, max(1, jq.processes))
     cluster.adapt(Adaptive=policy, minimum_jobs=max(1, jq.minimum_jobs),
                   maximum_jobs=max(1, jq.maximum_jobs))
+
+
+def submit_array(pipeline: str, scenes: str, overrides: Sequence[str], tasks: int, output_dir: Path,
+                 sbatch_args: Sequence[str] = (), flags: Sequence[str] = ()) -> str:
+    """Submit a night's batch as one SLURM job array of ``tasks`` tasks; returns the array's job id.
+
+    Task ``k`` runs ``geoseg batch PIPELINE --scenes SPEC --shard k/N`` with a local cluster on its node
+    (its GPUs where it has them), so each task is a whole batch of its share of the scenes, resumable and
+    failure-isolated as any; the shards merge their rows into ``output_dir/batch.json``. The job script is
+    written to ``output_dir/logs/array/`` (its tasks' output beside it) and submitted with ``sbatch_args``
+    (e.g. ``-p gpu --gres=gpu:1 -t 04:00:00``).
+    """
+    import shlex
+    import sys
+    import time
+
+    if shutil.which("sbatch") is None:
+        raise ClusterError("--submit: sbatch not found; submit from a SLURM login node")
+    logs = Path(output_dir) / "logs" / "array"
+    logs.mkdir(parents=True, exist_ok=True)
+    name = job_name(f"geoseg-{Path(output_dir).name}")
+    command = [sys.executable, "-m", "geoseg", "batch", str(Path(pipeline).absolute()), "--scenes", scenes,
+               *[a for o in overrides for a in ("--set", o)], "--set", "cluster.backend=local", *flags]
+    script = logs / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.sbatch"
+    script.write_text(f"""#!/usr/bin/env bash
+# geoseg batch as a SLURM job array, written by geoseg batch --submit {tasks}: task k runs shard k of {tasks}.
+#SBATCH -J {name}
+#SBATCH --array=0-{tasks - 1}
+#SBATCH -o {logs}/%x-%A_%a.out
+#SBATCH --signal=B:TERM@120
+set -uo pipefail
+cd {shlex.quote(str(Path.cwd()))}
+exec {shlex.join(command)} --shard "${{SLURM_ARRAY_TASK_ID}}/{tasks}"
+""")
+    try:
+        done = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(script)], capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ClusterError(f"--submit: sbatch did not answer within {COMMAND_TIMEOUT_S}s") from None
+    if done.returncode:
+        raise ClusterError(f"--submit: SLURM refused the job array: {queue_reason(done.stderr + done.stdout)}")
+    job = done.stdout.strip().split(";")[0]
+    log.info("submitted SLURM job array %s (%d tasks, %s); logs: %s", job, tasks, script.name, logs)
+    return job

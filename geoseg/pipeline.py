@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -354,6 +354,8 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
     timings, out_dir = result.timings, cfg.output_dir
     with _timed(timings, "read"):
         raster = read_raster(cfg.input, cfg.read, spec)
+    on_workers = writes_on_workers(cfg)
+    if not on_workers:
         result.domain = _domain_guard(cfg, raster, spec)
     if cfg.evaluate.reference is not None:
         from geoseg.evaluate import check_reference
@@ -372,7 +374,8 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
         if cfg.cluster.dashboard and client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
 
-        on_workers = writes_on_workers(cfg)
+        if on_workers:  # the guard's sample of pixels is read on a worker too
+            result.domain = _domain_guard(cfg, raster, spec, client)
         writer = None
         if not on_workers:
             writer = SceneWriter(staged, raster.grid, spec.classes, cfg.write)
@@ -432,10 +435,12 @@ class Finished:
 
 
 def finish_scene(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged: Path, writer: SceneWriter, *,
-                 client: Client | None = None, progress: Progress | None = None) -> Finished:
+                 client: Client | None = None, progress: Progress | None = None,
+                 later: AbstractContextManager[Client] | None = None) -> Finished:
     """The stages after the segmentation, into ``staged``: finish the COGs of ``writer``, vectorize, evaluate.
 
-    ``client``: the cluster the vectorize and evaluate tasks run on (None: local threads).
+    ``client``: the cluster the vectorize and evaluate tasks run on (None: local threads); ``later``: a
+    context that gives that client, entered once the COGs are written (a worker task's own client).
     """
     assert cfg.input is not None
     timings: dict[str, float] = {}
@@ -443,26 +448,29 @@ def finish_scene(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged:
     lc_path = writer.landcover
     with _timed(timings, "write"), _stage(progress, "writing the COG (tiles, overviews)"):
         done.outputs.update(writer.close())
-    if cfg.vectorize.enabled:
-        from geoseg.vectorize import vectorize_classes
+    if not (cfg.vectorize.enabled or cfg.evaluate.reference is not None):
+        return done
+    with later if later is not None else nullcontext(client) as client:
+        if cfg.vectorize.enabled:
+            from geoseg.vectorize import vectorize_classes
 
-        with _timed(timings, "vectorize"):
-            info = vectorize_classes(lc_path, staged / cfg.vectorize.output, cfg.vectorize, client=client,
-                                     timestamp=_timestamp(cfg.input), progress=progress)
-        done.outputs["vector"] = info["path"]
-        if info["style"]:
-            done.outputs["vector_style"] = info["style"]
-        done.polygons = info["features"]
-    if cfg.evaluate.reference is not None:
-        from geoseg.evaluate import evaluate_iou
-        from geoseg.report import write_reports
+            with _timed(timings, "vectorize"):
+                info = vectorize_classes(lc_path, staged / cfg.vectorize.output, cfg.vectorize, client=client,
+                                         timestamp=_timestamp(cfg.input), progress=progress)
+            done.outputs["vector"] = info["path"]
+            if info["style"]:
+                done.outputs["vector_style"] = info["style"]
+            done.polygons = info["features"]
+        if cfg.evaluate.reference is not None:
+            from geoseg.evaluate import evaluate_iou
+            from geoseg.report import write_reports
 
-        with _timed(timings, "evaluate"):
-            metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client, progress=progress),
-                              prediction=str(cfg.output_dir / lc_path.name))  # where it will be, not staged
-            _faults.point("evaluate")
-            done.outputs.update(write_reports(metrics, staged))
-        done.metrics = metrics.summary()
+            with _timed(timings, "evaluate"):
+                metrics = replace(evaluate_iou(lc_path, cfg.evaluate, client=client, progress=progress),
+                                  prediction=str(cfg.output_dir / lc_path.name))  # where it will be, not staged
+                _faults.point("evaluate")
+                done.outputs.update(write_reports(metrics, staged))
+            done.metrics = metrics.summary()
     return done
 
 
@@ -470,16 +478,17 @@ def finish_stored(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged
                   remote: tuple[str, int] | None = None) -> Finished:
     """:func:`finish_scene` from the blocks the stitch tasks stored: one Dask task on a worker.
 
-    Its vectorize and evaluate run on the worker's own threads. ``remote``: the client's fault point
-    (:func:`geoseg._faults.arm`).
+    Its vectorize and evaluate tasks go to the whole cluster through the worker's own client (the task
+    secedes from the worker's threads meanwhile), as the client's would. ``remote``: the client's fault
+    point (:func:`geoseg._faults.arm`).
     """
     import rasterio
+    from distributed import worker_client
 
     from geoseg.segment import tile_grid
     from geoseg.workerenv import GDAL_CACHE_MB
     from geoseg.write import SceneWriter
 
-    error = None
     with _faults.arm(remote), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         writer = SceneWriter(Path(staged), grid, spec.classes, cfg.write)
         try:
@@ -487,26 +496,38 @@ def finish_stored(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged
             for window, labels, conf in store.blocks(tile_grid(grid.height, grid.width, cfg.segment)):
                 writer.write_encoded(window, labels, conf)
             reading = time.perf_counter() - t0
-            done = finish_scene(cfg, spec, grid, Path(staged), writer)
+            # The COGs are written on this task's thread; the later stages' tasks run on the whole cluster
+            # while it waits for them seceded from the worker's threads.
+            done = finish_scene(cfg, spec, grid, Path(staged), writer, later=worker_client())
             done.timings["write"] = round(done.timings["write"] + reading, 3)  # the blocks' copy included
             return done
-        except GeosegError as exc:
-            # As in run_once: the exception alone, without a context chain that may not pickle (GDAL's).
-            error = type(exc)(*exc.args)
         finally:
             writer.abort()
+
+
+def _without_context(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, a geoseg error re-raised alone (runs in a worker task)."""
+    error = None
+    try:
+        return fn(*args)
+    except GeosegError as exc:
+        # As in run_once: Dask ships an exception with its context chain, and one holding a GDAL error does
+        # not pickle; the user's one-line error travels alone.
+        error = type(exc)(*exc.args)
     raise error
 
 
-def _finish_on_a_worker(client: Client, cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged: Path,
-                        store: BlockStore, progress: Progress | None) -> Finished:
-    """Run :func:`finish_stored` on a worker and wait for it (stop requests and the workers' health checked)."""
+def _on_a_worker(client: Client, key: str, fn: Callable[..., Any], *args: Any, shown: str | None = None,
+                 progress: Progress | None = None) -> Any:
+    """``fn(*args)`` as one task on a worker, waited for with stop requests and the workers' health checked.
+
+    ``shown``: the progress stage meanwhile.
+    """
     from geoseg.cluster import completed
 
-    future = client.submit(finish_stored, cfg, spec, grid, str(staged), store, _faults.armed(), pure=False,
-                           key=f"geoseg-finish-{cfg.output_dir.name}-{time.time_ns()}")
+    future = client.submit(_without_context, fn, *args, pure=False, key=f"geoseg-{key}-{time.time_ns()}")
     try:
-        with _stage(progress, "writing the outputs on a worker"):
+        with _stage(progress if shown else None, shown or ""):
             for _ in completed(client, [future]):
                 pass
         return future.result()
@@ -514,22 +535,42 @@ def _finish_on_a_worker(client: Client, cfg: PipelineConfig, spec: ModelSpec, gr
         future.release()
 
 
-def _domain_guard(cfg: PipelineConfig, raster: Raster, spec: ModelSpec) -> dict[str, Any]:
-    """Warn once (or refuse, with ``read.strict``) when the input is unlike the model's training data."""
+def _finish_on_a_worker(client: Client, cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged: Path,
+                        store: BlockStore, progress: Progress | None) -> Finished:
+    """Run :func:`finish_stored` on a worker and wait for it."""
+    return _on_a_worker(client, f"finish-{cfg.output_dir.name}", finish_stored, cfg, spec, grid, str(staged), store,
+                        _faults.armed(), shown="writing the outputs on a worker", progress=progress)
+
+
+def domain_report(raster: Raster, spec: ModelSpec, explicit_bands: bool) -> dict[str, Any]:
+    """The domain guard's report on ``raster`` (:func:`geoseg.domain.check_domain`) as ``run.json`` records it."""
     import rasterio
 
     from geoseg.domain import check_domain
 
     with rasterio.open(raster.path) as src:
-        report = check_domain(raster, spec, src, explicit_bands=cfg.read.bands is not None)
-    if report.warnings:
-        what = "; ".join(report.warnings)
+        return check_domain(raster, spec, src, explicit_bands=explicit_bands).to_dict()
+
+
+def _domain_guard(cfg: PipelineConfig, raster: Raster, spec: ModelSpec, client: Client | None = None
+                  ) -> dict[str, Any]:
+    """Warn once (or refuse, with ``read.strict``) when the input is unlike the model's training data.
+
+    With ``client``, its sample of pixels is read on a worker.
+    """
+    explicit = cfg.read.bands is not None
+    if client is None:
+        report = domain_report(raster, spec, explicit)
+    else:
+        report = _on_a_worker(client, f"domain-{cfg.output_dir.name}", domain_report, raster, spec, explicit)
+    if report["warnings"]:
+        what = "; ".join(report["warnings"])
         if cfg.read.strict:
             raise InputError(f"{cfg.input}: unlike the data the model was trained on: {what}; the map would not "
                              "be trustworthy (read.strict: false to run anyway)")
         log.warning("%s: unlike the data the model was trained on: %s; check the map before using it "
                     "(read.strict: true refuses such input)", cfg.input, what)
-    return report.to_dict()
+    return report
 
 
 def _timestamp(path: Path) -> datetime:

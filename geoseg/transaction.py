@@ -73,9 +73,9 @@ def _alive(pid: int, start: str | None) -> bool:
 class FolderLock:
     """An exclusive, heartbeat-refreshed lock on a folder: ``with FolderLock(out): ...``."""
 
-    def __init__(self, folder: Path, what: str = "run") -> None:
+    def __init__(self, folder: Path, what: str = "run", name: str = LOCK) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK
+        self.path = self.folder / name
         self.what = what
         self.token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         self._stop = threading.Event()
@@ -127,10 +127,10 @@ class FolderLock:
                         f"automatically; {self.path.name} holds the details)") from None
                 # Renaming the stale lock away is atomic: of two runs taking it over, one wins the rename.
                 try:
-                    os.rename(self.path, self.path.with_name(f"{LOCK}.stale-{self.token}"))
+                    os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{self.token}"))
                 except FileNotFoundError:
                     continue
-                remove(self.path.with_name(f"{LOCK}.stale-{self.token}"))
+                remove(self.path.with_name(f"{self.path.name}.stale-{self.token}"))
                 if holder:
                     log.warning("%s: took over the lock of a run that is gone (host %s, pid %s, started %s)",
                                 self.folder, holder.get("host"), holder.get("pid"), holder.get("started"))

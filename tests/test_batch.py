@@ -450,3 +450,77 @@ def test_auto_concurrency_keeps_every_inference_slot_busy(tmp_path, fcn_checkpoi
     assert concurrent_scenes(slurm, Scheduler([])) == 6
     fixed = pipeline_config(x, fcn_checkpoint, tmp_path / "out", batch={"concurrent_scenes": 3})
     assert concurrent_scenes(fixed, gpus) == 3
+
+
+def test_shards_of_one_batch_merge_into_one_manifest(tmp_path, client, fcn_checkpoint):  # noqa: ANN001
+    """--shard K/N runs scenes K, K+N, ...; two shards at once fill one batch.json, and the outputs are the
+    unsharded batch's."""
+    from geoseg.batch import batch_status
+
+    paths = scenes_in(tmp_path / "in", n=5)
+    scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
+    names = [s.name for s in scenes]
+    common = {"tile": {"size": 64, "overlap": 16}, "vectorize": {"enabled": False}}
+    whole = run_batch(pipeline_config(paths[0], fcn_checkpoint, tmp_path / "whole", **common), scenes, client=client)
+    cfg = pipeline_config(paths[0], fcn_checkpoint, tmp_path / "out", **common)
+
+    first = run_batch(cfg, scenes, client=client, shard=(0, 2))
+    assert [r.scene for r in first.rows] == names[0::2] and first.ok
+    merged = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert merged["state"] == "running" and [r["scene"] for r in merged["scenes"]] == names
+    assert [r["status"] for r in merged["scenes"]] == ["done", "pending", "done", "pending", "done"]
+    assert merged["shards"][1] == {"shard": "1/2", "state": "pending"}
+    status = batch_status(tmp_path / "out")
+    assert "running: 0 of 2 shards at work" in status and "shard 1/2: not started yet" in status
+
+    # both shards at once (the second finds the first's scenes done and skips them)
+    results: list = []
+    threads = [threading.Thread(target=lambda k=k: results.append(run_batch(cfg, scenes, client=client,
+                                                                            shard=(k, 2)))) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 2 and all(r.ok for r in results)
+    merged = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert merged["state"] == "finished" and merged["counts"] == {"skipped": 3, "done": 2}
+    assert [sh["state"] for sh in merged["shards"]] == ["finished", "finished"]
+    with open(tmp_path / "out" / "batch.csv") as f:
+        assert [r["scene"] for r in csv.DictReader(f)] == names
+    assert all(np.array_equal(read(tmp_path / "out" / n / "landcover.tif"), read(tmp_path / "whole" / n /
+                                                                                 "landcover.tif")) for n in names)
+    assert whole.ok and ": finished;" in batch_status(tmp_path / "out")
+
+
+def test_submit_writes_a_job_array_whose_tasks_run_their_shard(tmp_path, fcn_checkpoint, monkeypatch):  # noqa: ANN001
+    """--submit N: sbatch gets one array of N tasks with the --sbatch options; the script it gets, run as
+    array task 1 would run it, runs shard 1 of N (a real run, no SLURM needed)."""
+    scenes_in(tmp_path / "in", n=3)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "sbatch.args"}\necho "4242;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({"model": str(fcn_checkpoint), "output_dir": str(tmp_path / "out"),
+                                    "tile": {"size": 64, "overlap": 16}, "vectorize": {"enabled": False},
+                                    "cluster": {"n_workers": 1, "threads_per_worker": 1}}))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "geoseg", "batch", str(pipe), "--scenes", str(tmp_path / "in" / "*.tif")]
+    done = subprocess.run([*cmd, "--submit", "3", "--sbatch", "-p gpu --gres=gpu:1"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"submitted SLURM job array 4242 (3 tasks); progress: geoseg batch --status {tmp_path / 'out'}" in done.stderr
+    args = (tmp_path / "sbatch.args").read_text().split()
+    assert args[:4] == ["--parsable", "-p", "gpu", "--gres=gpu:1"]
+    script = Path(args[-1])
+    text = script.read_text()
+    assert script.parent == tmp_path / "out" / "logs" / "array" and "#SBATCH --array=0-2" in text
+    assert '--shard "${SLURM_ARRAY_TASK_ID}/3"' in text and "cluster.backend=local" in text
+    assert not (tmp_path / "out" / "batch.json").exists()  # submitting runs nothing
+
+    task = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+                          env={**env, "SLURM_ARRAY_TASK_ID": "1"})
+    assert task.returncode == 0, task.stderr
+    merged = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert [r["status"] for r in merged["scenes"]] == ["pending", "done", "pending"]
+    assert [sh["state"] for sh in merged["shards"]] == ["pending", "finished", "pending"]

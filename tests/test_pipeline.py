@@ -131,6 +131,9 @@ def test_outputs_written_on_the_workers_are_the_bytes_the_client_writes(tmp_path
         assert not (out / ".geoseg-work").exists()
         found = digests(out)
         found.pop("pipeline-config.json")  # records write.on_workers itself
+        # the domain guard's sample is read on a worker too: the same report
+        found["domain"] = json.dumps(json.loads((out / "run.json").read_text())["domain"], sort_keys=True)
+        assert result.domain is not None and result.domain["input"]["pixels"] > 0
         return found
 
     from distributed import get_task_stream

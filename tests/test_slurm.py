@@ -8,6 +8,7 @@ a failure instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -282,3 +283,37 @@ def test_a_walltime_that_expires_mid_batch_then_a_resubmission_finishes_byte_ide
 def statuses_of(batch_dir: Path) -> set[str]:
     return {r["status"] for r in json.loads((batch_dir / "batch.json").read_text())["scenes"]}
 
+
+
+def test_a_job_array_shards_the_night_and_merges_one_manifest(slurm, tmp_path, fcn_checkpoint, client):  # noqa: ANN001
+    """geoseg batch --submit 2: two array tasks, each a shard with its own local cluster on the node, one
+    batch.json with every scene done and --status saying so; the outputs are a one-machine batch's."""
+    paths = scenes_in(tmp_path / "in", n=5)
+    scenes = expand_scenes(str(tmp_path / "in" / "*.tif"))
+    local = run_batch(pipeline_config(paths[0], fcn_checkpoint, tmp_path / "local", **COMMON), scenes, client=client)
+    assert local.ok
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({"model": str(fcn_checkpoint), "output_dir": str(tmp_path / "out"), **COMMON,
+                                    "cluster": {"backend": "slurm", "n_workers": 1, "threads_per_worker": 1}}))
+    submit = geoseg("batch", str(pipe), "--scenes", str(tmp_path / "in" / "*.tif"), "--submit", "2",
+                    "--sbatch", "-c 1 --mem=1500M -t 10", env={**os.environ, **slurm.env})
+    code, err, took = finished(submit, 60)
+    assert code == 0 and took < 30, err
+    job = re.search(r"submitted SLURM job array (\d+) \(2 tasks\)", err)
+    assert job, err
+    array = job.group(1)
+    wait_for(lambda: not [j for j in slurm.jobs() if j["id"].startswith(f"{array}_")], 300, "array tasks done",
+             every=1)
+    logs = sorted((tmp_path / "out" / "logs" / "array").glob("*.out"))
+    assert len(logs) == 2, logs
+    manifest = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert manifest["state"] == "finished", "\n".join(p.read_text() for p in logs)
+    assert manifest["counts"] == {"done": 5} and [sh["state"] for sh in manifest["shards"]] == ["finished"] * 2
+    hosts = {json.loads((tmp_path / "out" / "batch-shards" / f"{k}-of-2.json").read_text())["pid"] for k in (0, 1)}
+    assert len(hosts) == 2  # two processes, one per array task
+    assert all(np.array_equal(got, want) for got, want in zip(
+        outputs_of(tmp_path / "out", [s.name for s in scenes]).values(),
+        outputs_of(tmp_path / "local", [s.name for s in scenes]).values()))
+    status = subprocess.run([sys.executable, "-m", "geoseg", "batch", "--status", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and ": finished;" in status.stdout and "5 scenes: 5 done" in status.stdout
