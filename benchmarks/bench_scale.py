@@ -76,9 +76,19 @@ def make_scenes(folder: Path, n: int, size: int, seed0: int = 0) -> list[Path]:
     return paths
 
 
-def cpu_seconds(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+def cpu_seconds(pid: int, tree: bool = False) -> float:
+    """CPU seconds of process ``pid`` (and, with ``tree``, of all its descendants, the worker processes)."""
+    procs = [psutil.Process(pid)]
+    if tree:
+        procs += procs[0].children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def rss_of_self() -> int:
@@ -86,7 +96,7 @@ def rss_of_self() -> int:
 
 
 def run_one(mode: str, paths: list[Path], label: str, args: argparse.Namespace, address: str, sched_pid: int,
-            model: Path, work: Path) -> dict:
+            model: Path, work: Path, workers_pid: int) -> dict:
     from geoseg.batch import Scene, run_batch
     from geoseg.config import validate
     from geoseg.config.pipeline import PipelineConfig
@@ -112,12 +122,13 @@ def run_one(mode: str, paths: list[Path], label: str, args: argparse.Namespace, 
     with Client(address) as c:
         c.run_on_scheduler(records)  # drop what earlier runs left
     sampler = threading.Thread(target=sample, daemon=True)
+    w0 = cpu_seconds(workers_pid, tree=True)
     s0, r0, t0 = cpu_seconds(sched_pid), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     rss0 = rss_of_self()
     sampler.start()
     report = run_batch(cfg, scenes)
     wall = time.perf_counter() - t0
-    r1, s1 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(sched_pid)
+    r1, s1, w1 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(sched_pid), cpu_seconds(workers_pid, True)
     stop.set()
     sampler.join()
     assert report.ok, report.counts()
@@ -162,8 +173,58 @@ def run_one(mode: str, paths: list[Path], label: str, args: argparse.Namespace, 
         "publish_lag_p95_s": round(float(np.percentile(lag, 95)), 3),
         "slot_idle_mean": round(float(np.mean(idle)), 3), "slot_idle_max": round(float(np.max(idle)), 3),
         "infer_span_s": round(hi - lo, 2), "mpix": round(mpix, 2),
+        "worker_cpu_s_per_mpix": round((w1 - w0) / mpix, 3),
         "task_s_per_mpix": {k: round(v / mpix, 3) for k, v in sorted(stage_s.items())},
     }
+
+
+def extrapolate(summary: dict, scenes: int = 10_000, side: int = 10980, gpus: int = 100, tile: int = 512,
+                overlap: int = 64, chunk_tiles: int = 3, classes: int = 6, bands: int = 4,
+                gpu_tiles_per_s: tuple[float, ...] = (100.0, 1000.0)) -> list[str]:
+    """The night on paper from the fitted costs of ``summary`` (scale.json): docs/scale.md's second table."""
+    import math
+
+    r = {(x["mode"], x["label"]): x for x in summary["results"]}
+    lines = []
+    stride = tile - overlap
+    chunk = chunk_tiles * stride
+    chunks = math.ceil(side / chunk) ** 2
+    tiles = math.ceil((side - overlap) / stride) ** 2
+    mpix = side * side / 1e6
+    tasks = 3 * chunks + 2  # tile, infer, stitch per chunk; the domain sample and the finish per scene
+    for mode in ("client", "workers"):
+        small, large = r[mode, "small"], r[mode, "large"]
+        per_chunk = (large["client_cpu_s_per_scene"] - small["client_cpu_s_per_scene"]) / (
+            large["chunks_per_scene"] - small["chunks_per_scene"])
+        per_mpix = (large["client_cpu_s_per_scene"] - small["client_cpu_s_per_scene"]) / (
+            large["mpix"] / large["scenes"] - small["mpix"] / small["scenes"])
+        fixed = small["client_cpu_s_per_scene"] - per_chunk * small["chunks_per_scene"]
+        # Before, the client's cost grows with pixels (it writes them); after, with chunks (it submits them).
+        per_scene = (small["client_cpu_s_per_scene"] + per_mpix * (mpix - small["mpix"] / small["scenes"])
+                     if mode == "client" else fixed + per_chunk * chunks)
+        lines.append(f"{mode}: client {per_scene:.2f} s per scene ({fixed:.3f} s + {1000 * per_chunk:.1f} ms per "
+                     f"chunk, or {per_mpix:.3f} s per MPix) -> {scenes * per_scene / 3600:.1f} h of client CPU")
+    sched_ms = max(r["workers", "small"]["scheduler_ms_per_task"], r["workers", "large"]["scheduler_ms_per_task"])
+    lines.append(f"scene: {mpix:.1f} MPix, {chunks} chunks of {chunk} px, {tiles} tiles, {tasks} tasks; night: "
+                 f"{scenes * tasks / 1e6:.2f} M tasks -> scheduler {scenes * tasks * sched_ms / 1000 / 3600:.1f} h "
+                 f"at {sched_ms:.1f} ms per task (one core)")
+    for g in gpu_tiles_per_s:
+        lines.append(f"inference at {g:g} tiles/s per GPU: {scenes * tiles / (g * gpus) / 60:.0f} min on {gpus} GPUs")
+    per_px = {"image (uint16, lz4 0.68)": 2 * bands * 0.68, "accumulators (float32 sums, lz4 0.68)":
+              4 * (classes + 1) * 0.68 * (chunk + overlap) ** 2 / chunk**2, "block store": 2 * 0.5}
+    written = sum(per_px.values())
+    read = per_px["image (uint16, lz4 0.68)"] * (chunk + overlap) ** 2 / chunk**2 + per_px[
+        "accumulators (float32 sums, lz4 0.68)"] + per_px["block store"]
+    total_tb = scenes * mpix * 1e6 * (written + read) / 1e12
+    lines.append(f"scratch on the shared filesystem: {written:.0f} B/px written, {read:.0f} B/px read "
+                 f"({', '.join(f'{k} {v:.1f}' for k, v in per_px.items())}) -> {total_tb:.0f} TB per night, "
+                 f"{total_tb * 1e12 / 8 / 3600 / 1e9:.1f} GB/s over 8 h")
+    if "worker_cpu_s_per_mpix" in r["workers", "large"]:
+        for mode in ("client", "workers"):
+            w = r[mode, "large"]["worker_cpu_s_per_mpix"]
+            lines.append(f"{mode}: worker CPU besides the forward {w:.2f} s per MPix -> "
+                         f"{scenes * mpix * w / 3600:.0f} core-hours per night")
+    return lines
 
 
 def main() -> None:
@@ -182,20 +243,33 @@ def main() -> None:
     p.add_argument("--modes", default="client,workers")
     p.add_argument("--no-vectorize", action="store_true")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "geoseg-bench-scale"))
+    p.add_argument("--extrapolate", action="store_true", help="print the night on paper from results/scale.json")
+    p.add_argument("--chunk-tiles-night", type=int, default=3, help="chunk_tiles of the extrapolated night")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one mode's client, started by the parent
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--sched-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--workers-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--results", default="scale.json", help="file name under benchmarks/results/")
     args = p.parse_args()
+    if args.extrapolate:
+        print("\n".join(extrapolate(json.loads((RESULTS / "scale.json").read_text()),
+                                     chunk_tiles=args.chunk_tiles_night)))
+        return
     malloc = control_malloc(True)
     data = Path(args.data)
     if args.child:
         small = make_scenes(data / "scenes", args.scenes, args.size)
         large = make_scenes(data / "scenes", args.large, args.large_size, seed0=90000)
+        # One scene first, unmeasured: imports and first uses (the model on every worker) are not a night's cost.
+        warm = (small or large)[:1]
+        run_one(args.child, warm * (2 * args.workers if small else 1), "warm", args, args.address, args.sched_pid,
+                data / "standin-classes.safetensors", Path(args.work), args.workers_pid)
         for label, paths in (("small", small), ("large", large)):
             if paths:
                 print(json.dumps(run_one(args.child, paths, label, args, args.address, args.sched_pid,
-                                         data / "standin-classes.safetensors", Path(args.work))), flush=True)
+                                         data / "standin-classes.safetensors", Path(args.work), args.workers_pid)),
+                      flush=True)
         return
     print(f"malloc: {malloc}")
     print(f"machine: {machine()}")
@@ -233,7 +307,8 @@ def main() -> None:
         # Each mode's client is a process of its own, so its memory starts from nothing.
         for mode in args.modes.split(","):
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode, "--address", address,
-                                    "--sched-pid", str(sched.pid), "--work", str(work)],
+                                    "--sched-pid", str(sched.pid), "--work", str(work),
+                                    "--workers-pid", str(workers.pid)],
                                    capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if child.returncode:
                 raise SystemExit(f"{mode}: {child.stderr[-3000:]}")
@@ -250,10 +325,11 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     summary = {"machine": machine(), "malloc": malloc, "infer_ms_per_tile": args.infer_ms,
-               "args": {k: v for k, v in vars(args).items() if k not in ("child", "address", "sched_pid", "work")},
+               "args": {k: v for k, v in vars(args).items()
+                        if k not in ("child", "address", "sched_pid", "work", "workers_pid")},
                "results": results}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / args.results).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'mode':<8} {'scenes':>7} {'chunks':>6} {'wall s':>7} {'tasks/s':>8} {'sched ms/task':>13} "
           f"{'client s/scene':>14} {'rss MiB 10%/end':>16} {'publish lag s':>14} {'slot idle':>9}")
     for r in results:
