@@ -149,9 +149,9 @@ def run_one(mode: str, paths: list[Path], label: str, args: argparse.Namespace, 
         scene = key[len("geoseg-infer-"):].split(".", 1)[0]
         last[scene] = max(last.get(scene, 0.0), b)
     lag = [(out / s.name / "run.json").stat().st_mtime - last[s.name] for s in scenes if s.name in last]
-    chunks = [json.loads((out / s.name / "run.json").read_text())["stats"]["chunks"] for s in scenes]
-    mpix = sum(json.loads((out / s.name / "run.json").read_text())["stats"]["width"]
-               * json.loads((out / s.name / "run.json").read_text())["stats"]["height"] for s in scenes) / 1e6
+    stats = [json.loads((out / s.name / "run.json").read_text())["stats"] for s in scenes]
+    chunks = [st["chunks"] for st in stats]
+    mpix = sum(st["width"] * st["height"] for st in stats) / 1e6
     # task seconds per stage and scene megapixel (wall time of the tasks: an upper bound of their CPU here)
     stage_s: dict[str, float] = {}
     for key, _, a, b in tasks:

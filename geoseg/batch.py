@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -189,10 +190,7 @@ class BatchReport:
 
     def counts(self) -> dict[str, int]:
         """Scenes per status."""
-        out: dict[str, int] = {}
-        for r in self.rows:
-            out[r.status] = out.get(r.status, 0) + 1
-        return out
+        return dict(Counter(r.status for r in self.rows))
 
     @property
     def ok(self) -> bool:
@@ -468,9 +466,7 @@ def merge_shards(folder: Path, scenes: list[Scene], n: int) -> None:
             shards.append({"shard": f"{k}/{n}", **{key: data.get(key) for key in ("state", "pid", "host", "updated")}})
             rows.update({r["scene"]: r for r in data.get("scenes", [])})
         merged = [rows.get(s.name) or SceneRow(s.name, str(s.path), str(folder / s.name)).to_dict() for s in scenes]
-        counts: dict[str, int] = {}
-        for r in merged:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        counts = dict(Counter(r["status"] for r in merged))
         finished = all(sh["state"] == "finished" for sh in shards)
         now = datetime.now(timezone.utc).isoformat()
         _write_pair(folder / BATCH_MANIFEST, {
@@ -494,9 +490,7 @@ def batch_status(folder: Path, slowest: int = 5) -> str:
         raise InputError(f"{path}: no batch manifest here; is {folder} the output_dir of a geoseg batch?") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a batch manifest ({exc})") from None
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
+    counts = Counter(r.get("status", "?") for r in rows)
     state = data.get("state", "finished")
     gone = ("stopped before it finished (the batch process is gone: killed or its node lost); rerun the batch "
             "to continue")

@@ -195,6 +195,22 @@ def client():
         yield c
 
 
+def record_tasks(scheduler) -> dict[str, tuple]:  # noqa: ANN001
+    """Watch a scheduler: {key: (priority, resource restrictions)} of each task as it starts processing."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    seen: dict[str, tuple] = {}
+
+    class Record(SchedulerPlugin):
+        def transition(self, key, start, finish, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+            if finish == "processing":
+                ts = scheduler.tasks[key]
+                seen[str(key)] = (ts.priority, dict(ts.resource_restrictions or {}))
+
+    scheduler.add_plugin(Record())
+    return seen
+
+
 def pipeline_config(input_path: Path, model: Path, output_dir: Path, **sections) -> PipelineConfig:  # noqa: ANN003
     """A validated PipelineConfig from keyword sections (tile={...}, write={...})."""
     data = {"input": str(input_path), "model": str(model), "output_dir": str(output_dir)}

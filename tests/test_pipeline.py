@@ -13,7 +13,7 @@ from rasterio.transform import from_origin
 from geoseg.errors import InputError, OutputExistsError
 from geoseg.models import build_model, load_checkpoint
 from geoseg.pipeline import run_pipeline
-from tests.conftest import make_checkpoint, pipeline_config, write_raster
+from tests.conftest import make_checkpoint, pipeline_config, record_tasks, write_raster
 
 
 def full_frame(checkpoint, image: np.ndarray, valid: np.ndarray, tta: str = "none") -> np.ndarray:  # noqa: ANN001
@@ -148,19 +148,8 @@ def test_outputs_written_on_the_workers_are_the_bytes_the_client_writes(tmp_path
 def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_path, fcn_checkpoint, monkeypatch):  # noqa: ANN001
     """Longest chunks first, and GPU tasks restricted to GPU workers, as the scheduler sees them."""
     from distributed import Client, LocalCluster
-    from distributed.diagnostics.plugin import SchedulerPlugin
 
     import geoseg.segment as segment
-
-    class Record(SchedulerPlugin):
-        def __init__(self, scheduler) -> None:  # noqa: ANN001
-            self.scheduler = scheduler
-            self.seen: dict[str, tuple] = {}
-
-        def transition(self, key, start, finish, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
-            ts = self.scheduler.tasks.get(key)
-            if ts is not None and str(key).startswith("geoseg-infer"):
-                self.seen[str(key)] = (ts.priority, ts.resource_restrictions)
 
     as_if_cuda = segment.infer_annotations
     monkeypatch.setattr(segment, "infer_annotations", lambda device, n, limited: as_if_cuda("cuda", n, limited))
@@ -171,12 +160,12 @@ def test_inference_tasks_reach_the_scheduler_with_priority_and_gpu_resource(tmp_
                                                                            "chunk_tiles": 2})
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
                       resources={"GPU": 1}) as cluster, Client(cluster) as c:
-        plugin = Record(cluster.scheduler)
-        cluster.scheduler.add_plugin(plugin)
+        seen = record_tasks(cluster.scheduler)
         run_pipeline(cfg, client=c)
+    infer = {key: task for key, task in seen.items() if key.startswith("geoseg-infer")}
     grid_tiles = {f"{i}-{j}": n for (i, j), n in np.ndenumerate(np.outer([2, 2, 0], [2, 1]))}
-    assert len(plugin.seen) == 6
-    for key, (priority, resources) in plugin.seen.items():
+    assert len(infer) == 6
+    for key, (priority, resources) in infer.items():
         assert resources == {"GPU": 1}
         i, j = key.rsplit("-", 2)[1:]
         assert -priority[0] == grid_tiles[f"{i}-{j}"]  # distributed stores -priority first

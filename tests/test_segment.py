@@ -10,7 +10,7 @@ from geoseg.models import read_model_spec
 from geoseg.pipeline import run_pipeline
 from geoseg.read import read_raster
 from geoseg.segment import SegmentStats, model_key, segment_scene
-from tests.conftest import pipeline_config
+from tests.conftest import pipeline_config, record_tasks
 
 
 def worker_plugins(client) -> list[str]:
@@ -109,29 +109,18 @@ def test_the_device_path_blends_as_the_host_path_does(tmp_path, unet_checkpoint,
 def test_only_inference_tasks_hold_the_inference_slot(tmp_path, fcn_checkpoint, sample_scene):
     """The scheduler sees the INFER restriction on inference tasks alone: reading and stitching never wait for
     a slot, so a worker with more threads than slots reads while it infers."""
-    from distributed import Client, LocalCluster, SchedulerPlugin
+    from distributed import Client, LocalCluster
 
     from geoseg.workerenv import INFER
-
-    restrictions: dict[str, dict] = {}
-
-    class Record(SchedulerPlugin):
-        def __init__(self, scheduler):  # noqa: ANN001
-            self.scheduler = scheduler
-
-        def transition(self, key, start, finish, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-            if finish == "processing":
-                ts = self.scheduler.tasks[key]
-                restrictions[str(key)] = dict(ts.resource_restrictions or {})
 
     cfg = SegmentConfig(model=fcn_checkpoint, tile={"size": 64, "overlap": 16, "chunk_tiles": 1})
     raster = read_raster(sample_scene.image, ReadConfig(), read_model_spec(fcn_checkpoint))
     with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, resources={INFER: 1},
                       dashboard_address=None) as cluster, Client(cluster) as c:
-        cluster.scheduler.add_plugin(Record(cluster.scheduler))
+        seen = record_tasks(cluster.scheduler)
         blocks = list(segment_scene(raster, cfg, c, tmp_path / "scratch"))
     stages = {"tile": [], "infer": [], "stitch": []}
-    for key, held in restrictions.items():
+    for key, (_, held) in seen.items():
         stages[key.split("-")[1]].append(held)
     assert len(blocks) == len(stages["stitch"]) == len(stages["infer"]) == len(stages["tile"]) > 4
     assert all(held == {INFER: 1} for held in stages["infer"])

@@ -308,6 +308,8 @@ def test_a_job_array_shards_the_night_and_merges_one_manifest(slurm, tmp_path, f
     assert len(logs) == 2, logs
     manifest = json.loads((tmp_path / "out" / "batch.json").read_text())
     assert manifest["state"] == "finished", "\n".join(p.read_text() for p in logs)
+    failed = [(r["scene"], r["error"]) for r in manifest["scenes"] if r["status"] != "done"]
+    assert not failed, "\n".join([str(failed), *(p.read_text() for p in logs)])
     assert manifest["counts"] == {"done": 5} and [sh["state"] for sh in manifest["shards"]] == ["finished"] * 2
     hosts = {json.loads((tmp_path / "out" / "batch-shards" / f"{k}-of-2.json").read_text())["pid"] for k in (0, 1)}
     assert len(hosts) == 2  # two processes, one per array task
