@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geoseg.cli.options import overwrite_option, set_option, verbosity
+from geoseg.cli.options import STATE, overwrite_option, set_option, verbosity
 
 
 @click.command("batch")
@@ -69,7 +69,8 @@ def command(config: str | None, scenes_spec: str | None, overrides: tuple[str, .
 
         from geoseg.hpc import submit_array
 
-        flags = [f for f, on in (("--force", force), ("--retry-failed", retry_failed)) if on]
+        flags = [f for f, on in (("--force", force), ("--retry-failed", retry_failed),
+                                 ("--verbose", STATE["verbose"])) if on]
         job = submit_array(config, scenes_spec, overrides[1:], submit_tasks, cfg.output_dir,
                            shlex.split(sbatch_args), flags)
         click.echo(f"submitted SLURM job array {job} ({submit_tasks} tasks); progress: geoseg batch --status "
