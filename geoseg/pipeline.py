@@ -346,7 +346,7 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
 
     from geoseg.cluster import open_client
     from geoseg.read import read_raster
-    from geoseg.segment import BlockStore, SegmentStats, model_key, segment_scene
+    from geoseg.segment import BlockStore, SegmentStats, model_key, segment_scene, tile_grid
     from geoseg.workerenv import GDAL_CACHE_MB
     from geoseg.write import SceneWriter
 
@@ -378,7 +378,8 @@ def _run_stages(cfg: PipelineConfig, spec: ModelSpec, result: RunResult, progres
             result.domain = _domain_guard(cfg, raster, spec, client)
         writer = None
         if not on_workers:
-            writer = SceneWriter(staged, raster.grid, spec.classes, cfg.write)
+            writer = SceneWriter(staged, raster.grid, spec.classes, cfg.write,
+                                 chunk=tile_grid(raster.height, raster.width, cfg.segment).chunk)
             stack.callback(writer.abort)
         scores = staged / "scores.zarr" if cfg.write.keep_scores else None
         store = BlockStore(str(out_dir / WORK_DIR / "blocks.zarr"), cfg.write.nodata,
@@ -490,10 +491,11 @@ def finish_stored(cfg: PipelineConfig, spec: ModelSpec, grid: RasterGrid, staged
     from geoseg.write import SceneWriter
 
     with _faults.arm(remote), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        writer = SceneWriter(Path(staged), grid, spec.classes, cfg.write)
+        chunks = tile_grid(grid.height, grid.width, cfg.segment)
+        writer = SceneWriter(Path(staged), grid, spec.classes, cfg.write, chunk=chunks.chunk)
         try:
             t0 = time.perf_counter()
-            for window, labels, conf in store.blocks(tile_grid(grid.height, grid.width, cfg.segment)):
+            for window, labels, conf in store.blocks(chunks):
                 writer.write_encoded(window, labels, conf)
             reading = time.perf_counter() - t0
             # The COGs are written on this task's thread; the later stages' tasks run on the whole cluster

@@ -39,12 +39,25 @@ def output_names(cfg: WriteConfig) -> list[str]:
         names += [CONFIDENCE, Path(CONFIDENCE).with_suffix(".qml").name]
     return names
 
-#: GDAL 3.10 loses blocks of deflate-tiled GeoTIFFs written window by window when two threads of one process
-#: each write their own file and the windows cut its 256 px tiles (a whole 256 px square could come back
-#: nodata: seen in a batch with two scenes in flight, and in 1 of ~15 files from four threads writing 96 px
-#: windows; none with the writes serialised, with an uncompressed scratch or with tile-aligned windows).
-#: The scratch writes of every writer in the process take turns; the COG conversion needs no turn.
+
+#: GDAL 3.10 (rasterio 1.4.4) loses blocks of a deflate-tiled GeoTIFF written window by window when the
+#: windows cut its tiles and other threads of the process use GDAL meanwhile (other writers, or readers:
+#: the in-process workers of a local run): whole chunks or 256 px squares came back nodata, seen in
+#: batches with two scenes in flight, and in a script with 2-4 threads (1 file in ~15). A tile rewritten
+#: in part is what goes wrong: nothing was lost with tiles the size of the windows, with an uncompressed
+#: scratch or with GDAL's default cache. So the scratch is tiled like the scene's chunks where GeoTIFF
+#: allows (:func:`scratch_block`), and its writes take turns across the process, which alone kept writers
+#: beside writers safe but not beside readers (other chunk sizes). The COG conversion reads a closed scratch.
 _SCRATCH_WRITES = threading.Lock()
+
+
+def scratch_block(chunk: int) -> int:
+    """Tile size of the scratch GeoTIFF for blocks of ``chunk`` px: the chunk itself where GeoTIFF allows.
+
+    GeoTIFF tiles are multiples of 16 px; with tiles the size of the blocks each block writes whole tiles.
+    Other chunk sizes get 256.
+    """
+    return chunk if chunk % 16 == 0 else 256
 
 
 class RasterWriter:
@@ -67,6 +80,7 @@ class RasterWriter:
         scale: float | None = None,
         histogram: bool = False,
         creation_options: dict[str, str] | None = None,
+        block: int = 256,
     ) -> None:
         self.path = Path(path)
         self.counts = np.zeros(256, dtype=np.int64) if histogram else None
@@ -86,8 +100,8 @@ class RasterWriter:
             "transform": grid.transform,
             "nodata": nodata,
             "tiled": True,
-            "blockxsize": 256,
-            "blockysize": 256,
+            "blockxsize": block,  # the size of the blocks written: see scratch_block
+            "blockysize": block,
             # Scratch only: the COG conversion compresses for real. The fastest deflate keeps the scratch
             # small for huge scenes and costs the client (which shares the cores with the workers) little.
             "compress": "deflate",
@@ -156,7 +170,7 @@ class RasterWriter:
 
 def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: int, *, compress: str,
                      overviews: bool, overwrite: bool = False,
-                     creation_options: dict[str, str] | None = None) -> RasterWriter:
+                     creation_options: dict[str, str] | None = None, block: int = 256) -> RasterWriter:
     """Writer for the class-id raster: uint8, colour table, class names in the metadata."""
     names = {str(c.id): c.name for c in classes}
     return RasterWriter(
@@ -164,12 +178,13 @@ def landcover_writer(path: Path, grid: RasterGrid, classes: ClassMap, nodata: in
         compress=compress, overviews=overviews, resampling="mode", overwrite=overwrite,
         colormap=classes.colormap(nodata),
         tags={"GEOSEG_CLASSES": json.dumps(classes.to_records()), "CLASS_NAMES": json.dumps(names)},
-        description="land cover class", histogram=True, creation_options=creation_options,
+        description="land cover class", histogram=True, creation_options=creation_options, block=block,
     )
 
 
 def confidence_writer(path: Path, grid: RasterGrid, dtype: str, *, compress: str, overviews: bool,
-                      overwrite: bool = False, creation_options: dict[str, str] | None = None) -> RasterWriter:
+                      overwrite: bool = False, creation_options: dict[str, str] | None = None,
+                      block: int = 256) -> RasterWriter:
     """Writer for the top-class probability: uint8 0-250 (255 nodata) or float16-valued float32."""
     # GeoTIFF has no float16 sample type in GDAL < 3.11; float16 values are stored in float32.
     out_dtype, nodata = ("uint8", 255) if dtype == "uint8" else ("float32", -1.0)
@@ -178,7 +193,7 @@ def confidence_writer(path: Path, grid: RasterGrid, dtype: str, *, compress: str
         path, grid, out_dtype, nodata,
         compress=compress, overviews=overviews, resampling="average", overwrite=overwrite,
         tags={"CONFIDENCE_SCALE": "value x scale = probability"}, description="top class probability",
-        scale=scale, creation_options=creation_options,
+        scale=scale, creation_options=creation_options, block=block,
     )
 
 
@@ -290,19 +305,23 @@ class SceneWriter:
     :meth:`write` takes each block's window, class ids and top-class probability (any order); :meth:`close`
     finishes the land-cover COG, its QGIS style and category table (``.aux.xml``) and the confidence COG
     and style where ``cfg.confidence`` asks, and returns them by output name; :meth:`abort` drops them.
+    ``chunk``: the size of the blocks (the scene's chunks), which the scratch is tiled to (:func:`scratch_block`).
     """
 
-    def __init__(self, folder: Path, grid: RasterGrid, classes: ClassMap, cfg: WriteConfig) -> None:
+    def __init__(self, folder: Path, grid: RasterGrid, classes: ClassMap, cfg: WriteConfig, *,
+                 chunk: int | None = None) -> None:
         self.cfg, self.grid, self.classes = cfg, grid, classes
+        block = 256 if chunk is None else scratch_block(chunk)
         self.landcover = folder / LANDCOVER
         self.confidence = folder / CONFIDENCE if cfg.confidence != "none" else None
         co = cfg.creation_options
         self._writers = [landcover_writer(self.landcover, grid, classes, cfg.nodata, compress=cfg.compress,
-                                          overviews=cfg.overviews, creation_options=co)]
+                                          overviews=cfg.overviews, creation_options=co, block=block)]
         if self.confidence is not None:
             try:
                 self._writers.append(confidence_writer(self.confidence, grid, cfg.confidence, compress=cfg.compress,
-                                                       overviews=cfg.overviews, creation_options=co))
+                                                       overviews=cfg.overviews, creation_options=co,
+                                                       block=block))
             except BaseException:
                 self._writers[0].abort()
                 raise
