@@ -243,7 +243,7 @@ def main() -> None:
     p.add_argument("--modes", default="client,workers")
     p.add_argument("--no-vectorize", action="store_true")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "geoseg-bench-scale"))
-    p.add_argument("--extrapolate", action="store_true", help="print the night on paper from results/scale.json")
+    p.add_argument("--extrapolate", action="store_true", help="print the night on paper from --results")
     p.add_argument("--chunk-tiles-night", type=int, default=3, help="chunk_tiles of the extrapolated night")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one mode's client, started by the parent
     p.add_argument("--address", help=argparse.SUPPRESS)
@@ -253,7 +253,7 @@ def main() -> None:
     p.add_argument("--results", default="scale.json", help="file name under benchmarks/results/")
     args = p.parse_args()
     if args.extrapolate:
-        print("\n".join(extrapolate(json.loads((RESULTS / "scale.json").read_text()),
+        print("\n".join(extrapolate(json.loads((RESULTS / args.results).read_text()),
                                      chunk_tiles=args.chunk_tiles_night)))
         return
     malloc = control_malloc(True)
