@@ -38,6 +38,8 @@ class PeakRSS:
     def __init__(self, children_only: bool = False) -> None:
         self.children_only = children_only
         self.peak = 0
+        self.by_process: dict[int, int] = {}
+        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -46,10 +48,18 @@ class PeakRSS:
         total = 0
         for p in ([] if self.children_only else [me]) + me.children(recursive=True):
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                if p.pid not in self._roles:
+                    self._roles[p.pid] = _role(p)
             except psutil.Error:
-                pass
+                continue
+            total += rss
+            self.by_process[p.pid] = max(self.by_process.get(p.pid, 0), rss)
         return total
+
+    def roles(self) -> dict[str, float]:
+        """Peak RSS in GiB of each process seen (``main``, ``worker-<pid>``, ...), each at its own peak."""
+        return {f"{self._roles[pid]}-{pid}": rss / 2**30 for pid, rss in sorted(self.by_process.items())}
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -64,6 +74,14 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _role(p: psutil.Process) -> str:
+    """What a process of a run is: a Dask worker (spawned by the nanny), the pip of a peer, or a main process."""
+    cmd = " ".join(p.cmdline())
+    if "multiprocessing" in cmd or "spawn_main" in cmd or "forkserver" in cmd:
+        return "worker"
+    return "main" if "python" in cmd else (p.name() or "other")
 
 
 def sample_scene(size: int, seed: int = 0) -> Path:

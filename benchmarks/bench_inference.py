@@ -186,8 +186,9 @@ def memory(args: argparse.Namespace, malloc: str) -> dict:
     import yaml
 
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-bench-"))
-    ckpt = make_model(tmp / "model.safetensors", args.arch)
-    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {args.arch}-resnet18 (random weights), tile {args.tile}, "
+    ckpt = args.checkpoint.resolve() if args.checkpoint else make_model(tmp / "model.safetensors", args.arch)
+    model = args.checkpoint or f"{args.arch}-{'resnet18' if args.arch != 'fcn' else 'depth 6 width 32'}, random weights"
+    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {model}, tile {args.tile}, "
           f"overlap {args.overlap}, batch {args.batch}, {args.workers} worker x {args.threads} threads; "
           "peak RSS summed over every process of the run", flush=True)
     rows = {}
@@ -197,7 +198,7 @@ def memory(args: argparse.Namespace, malloc: str) -> dict:
         cfg.write_text(yaml.safe_dump({
             "input": str(scene), "model": str(ckpt), "output_dir": str(tmp / f"m{size}"),
             "tile": {"size": args.tile, "overlap": args.overlap},
-            "infer": {"batch_size": args.batch, "device": "cpu"},
+            "infer": {"batch_size": args.batch, "precision": args.precision, "device": "cpu"},
             "cluster": {"n_workers": args.workers, "threads_per_worker": args.threads},
             "vectorize": {"enabled": False},
         }))
@@ -208,10 +209,11 @@ def memory(args: argparse.Namespace, malloc: str) -> dict:
         manifest = json.loads((tmp / f"m{size}" / "run.json").read_text())
         rss = peak.peak / 2**30
         rows[size] = {"peak_rss_gib": rss, "seconds": wall, "mpix_s": size * size / wall / 1e6,
-                      "stages": manifest["timings_s"]}
-        print(f"{size}x{size}: peak RSS {rss:.2f} GiB, {wall:.0f}s ({size * size / wall / 1e6:.2f} MPix/s incl. start)",
-              flush=True)
-    return {"machine": machine(), "malloc": malloc, "memory": rows}
+                      "processes_peak_rss_gib": peak.roles(), "stages": manifest["timings_s"]}
+        each = ", ".join(f"{k} {v:.2f}" for k, v in peak.roles().items())
+        print(f"{size}x{size}: peak RSS {rss:.2f} GiB ({each}), {wall:.0f}s "
+              f"({size * size / wall / 1e6:.2f} MPix/s incl. start)", flush=True)
+    return {"machine": machine(), "malloc": malloc, "model": str(model), "memory": rows}
 
 
 def main() -> None:
@@ -229,12 +231,16 @@ def main() -> None:
     p.add_argument("--raw-seconds", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--memory", type=int, nargs="*", help="scene sizes for the memory run")
+    p.add_argument("--checkpoint", type=Path, default=None, help="memory run: this checkpoint, not --arch's")
     p.add_argument("--no-malloc-tuning", action="store_true", help="measure with glibc's default thresholds")
     args = p.parse_args()
     malloc = control_malloc(not args.no_malloc_tuning)
     result = memory(args, malloc) if args.memory else throughput(args, malloc)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "memory" if args.memory else f"inference-{args.arch}-{args.precision}{'-cl' if args.channels_last else ''}"
+    if args.memory:
+        name = f"memory-{args.checkpoint.stem if args.checkpoint else args.arch}-{args.precision}"
+    else:
+        name = f"inference-{args.arch}-{args.precision}{'-cl' if args.channels_last else ''}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
 
 

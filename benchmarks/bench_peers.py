@@ -19,7 +19,8 @@ MPix/s (median of the rounds), tiles inferred, the ratio of its tile-pixel rate 
 ratio to the best peer, peak RSS of its process tree, and the share of pixels whose class equals geoseg
 fp32's.
 
-    python benchmarks/bench_peers.py                       # 2048^2, 2 rounds, every system
+    python benchmarks/bench_peers.py                       # 2048^2, 3 rounds, every system
+    python benchmarks/bench_peers.py --checkpoint models/demo.safetensors     # the trained demo model
     python benchmarks/bench_peers.py --size 4096 --systems raw geoseg loop geoai
 """
 
@@ -174,7 +175,7 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a trained geoseg checkpoint (Unet) instead of random weights: class agreement means more")
     p.add_argument("--raw-seconds", type=float, default=6.0)
@@ -253,8 +254,10 @@ def main() -> None:
     if best:
         print(f"best peer: {best}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"peers-{args.size}.json").write_text(json.dumps({
-        "machine": machine(), "malloc": malloc, "size": args.size, "tile": args.tile, "overlap": args.overlap,
+    weights = "trained" if args.checkpoint else "random"
+    (RESULTS / f"peers-{args.size}-{weights}.json").write_text(json.dumps({
+        "machine": machine(), "malloc": malloc, "model": model_name, "rounds": args.rounds,
+        "size": args.size, "tile": args.tile, "overlap": args.overlap,
         "batch": args.batch, "raw_fp32": a, "raw_bf16_cl": a16, "best_peer": best, "systems": rows}, indent=2,
         default=str))
     del np

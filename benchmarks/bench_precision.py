@@ -2,6 +2,8 @@
 
     python3 dev.py demo                     # makes models/demo.safetensors and data/sample-test
     python benchmarks/bench_precision.py
+    python benchmarks/bench_precision.py --model landsat.safetensors --scene ../shared/data/nc-landsat7/scene.tif \
+        --labels reference.tif --name landsat
 
 Runs the pipeline on the held-out sample scene with each setting on one warm cluster and reports: wall
 time, agreement of the class ids with the fp32 run, and mIoU against the scene's reference map.
@@ -9,6 +11,7 @@ time, agreement of the class ids with the fp32 run, and mIoU against the scene's
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -29,23 +32,29 @@ def main() -> None:
     from geoseg.config import PipelineConfig, validate
     from geoseg.pipeline import run_pipeline
 
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "models/demo.safetensors")
+    p.add_argument("--scene", type=Path, default=ROOT / "data/sample-test/scene.tif")
+    p.add_argument("--labels", type=Path, default=ROOT / "data/sample-test/labels.tif", help="reference map")
+    p.add_argument("--name", default="demo", help="results/precision-NAME.json")
+    args = p.parse_args()
     malloc = control_malloc(True)
-    model, scene = ROOT / "models/demo.safetensors", ROOT / "data/sample-test"
-    if not model.exists() or not (scene / "scene.tif").exists():
+    model, scene, labels_path = args.model, args.scene, args.labels
+    if not model.exists() or not scene.exists():
         sys.exit("run `python3 dev.py demo` first: it makes models/demo.safetensors and data/sample-test")
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-prec-"))
-    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {model.name} on {scene.name}/scene.tif")
+    print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {model} on {scene}")
     base = None
     rows = {}
-    with open_client(validate(PipelineConfig, {"input": str(scene / "scene.tif"), "model": str(model),
+    with open_client(validate(PipelineConfig, {"input": str(scene), "model": str(model),
                                                "output_dir": str(tmp)}, "b", None).cluster) as client:
         for rnd in range(2):  # first round warms the workers up
             for precision, cl in SETTINGS:
                 name = f"{precision}{'+channels_last' if cl else ''}"
                 cfg = validate(PipelineConfig, {
-                    "input": str(scene / "scene.tif"), "model": str(model), "output_dir": str(tmp / name),
+                    "input": str(scene), "model": str(model), "output_dir": str(tmp / name),
                     "overwrite": True, "infer": {"precision": precision, "channels_last": cl, "device": "cpu"},
-                    "vectorize": {"enabled": False}, "evaluate": {"reference": str(scene / "labels.tif")},
+                    "vectorize": {"enabled": False}, "evaluate": {"reference": str(labels_path)},
                 }, "b", None)
                 t0 = time.perf_counter()
                 result = run_pipeline(cfg, client=client, progress=False)
@@ -65,8 +74,8 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:20s} speed-up x{fp32 / r['seconds']:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "precision.json").write_text(json.dumps({"machine": machine(), "malloc": malloc, "runs": rows},
-                                                       indent=2))
+    (RESULTS / f"precision-{args.name}.json").write_text(json.dumps({
+        "machine": machine(), "malloc": malloc, "model": str(model), "scene": str(scene), "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
 import yaml  # noqa: E402
+from _common import machine  # noqa: E402
 
 from geoseg.workerenv import MALLOC_ENV  # noqa: E402
 
@@ -46,6 +48,7 @@ def main() -> None:
     slurm = PrivateSlurm(work / "slurm")
     slurm.start()
     os.environ.update(slurm.env)
+    print(f"machine: {machine()}", flush=True)
     print(f"private SLURM up in {slurm.started_s:.1f}s ({slurm.cpus} CPUs, {slurm.memory_mb} MB)", flush=True)
     try:
         incoming = work / "in"
@@ -92,8 +95,11 @@ def main() -> None:
         print(f"\n{args.scenes} scenes of {args.size}^2, {args.cores} cores each way (best of {args.rounds}):")
         for b, s in summary.items():
             print(f"  {b:6s} {s:7.1f}s  {args.scenes / s * 60:5.1f} scenes/min  {s / summary['local']:.2f}x local time")
+        extra = (summary["slurm"] - summary["local"]) / args.scenes
+        print(f"  SLURM's extra time per scene: {extra:.2f}s")
         print(f"  identical land cover: {same}")
-        report = {"fixture_s": slurm.started_s, "scenes": args.scenes, "size": args.size, "cores": args.cores,
+        report = {"machine": machine(), "fixture_s": slurm.started_s, "extra_s_per_scene": extra,
+                  "scenes": args.scenes, "size": args.size, "cores": args.cores,
                   "seconds": results, "identical": same}
         dest = ROOT / "benchmarks" / "results"
         dest.mkdir(parents=True, exist_ok=True)
