@@ -88,9 +88,10 @@ def main() -> None:
                 jobs = done.stderr.count("submitted SLURM job")
                 print(f"  round {r + 1} {name}: {seconds:.1f}s for {args.scenes} scenes"
                       + (f" ({jobs} worker jobs)" if jobs else ""), flush=True)
-        same = all(np.array_equal(_read(outputs["local"] / f"s{k:02d}" / "landcover.tif"),
-                                  _read(outputs["slurm"] / f"s{k:02d}" / "landcover.tif"))
-                   for k in range(args.scenes))
+        # the batch names each scene's folder (scene, scene-2, ... for files all called scene.tif)
+        found = {b: sorted(p.relative_to(outputs[b]) for p in outputs[b].glob("*/landcover.tif")) for b in outputs}
+        same = len(found["local"]) == args.scenes and found["local"] == found["slurm"] and all(
+            np.array_equal(_read(outputs["local"] / f), _read(outputs["slurm"] / f)) for f in found["local"])
         summary = {b: min(v) for b, v in results.items()}
         print(f"\n{args.scenes} scenes of {args.size}^2, {args.cores} cores each way (best of {args.rounds}):")
         for b, s in summary.items():
