@@ -77,7 +77,7 @@ class PeakRSS:
 
 
 def _role(p: psutil.Process) -> str:
-    """What a process of a run is: a Dask worker (spawned by the nanny), the pip of a peer, or a main process."""
+    """What a process of a run is: a Dask worker (spawned by multiprocessing) or a main process."""
     cmd = " ".join(p.cmdline())
     if "multiprocessing" in cmd or "spawn_main" in cmd or "forkserver" in cmd:
         return "worker"

@@ -40,8 +40,9 @@ def main() -> None:
     args = p.parse_args()
     malloc = control_malloc(True)
     model, scene, labels_path = args.model, args.scene, args.labels
-    if not model.exists() or not scene.exists():
-        sys.exit("run `python3 dev.py demo` first: it makes models/demo.safetensors and data/sample-test")
+    for path in (model, scene, labels_path):
+        if not path.exists():
+            sys.exit(f"{path}: not found (`python3 dev.py demo` makes models/demo.safetensors and data/sample-test)")
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-prec-"))
     print(f"machine: {machine()}\nmalloc: {malloc}\nmodel: {model} on {scene}")
     base = None
