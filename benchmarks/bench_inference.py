@@ -208,9 +208,10 @@ def memory(args: argparse.Namespace, malloc: str) -> dict:
             wall = time.perf_counter() - t0
         manifest = json.loads((tmp / f"m{size}" / "run.json").read_text())
         rss = peak.peak / 2**30
+        processes = peak.roles()
         rows[size] = {"peak_rss_gib": rss, "seconds": wall, "mpix_s": size * size / wall / 1e6,
-                      "processes_peak_rss_gib": peak.roles(), "stages": manifest["timings_s"]}
-        each = ", ".join(f"{k} {v:.2f}" for k, v in peak.roles().items())
+                      "processes_peak_rss_gib": processes, "stages": manifest["timings_s"]}
+        each = ", ".join(f"{k} {v:.2f}" for k, v in processes.items())
         print(f"{size}x{size}: peak RSS {rss:.2f} GiB ({each}), {wall:.0f}s "
               f"({size * size / wall / 1e6:.2f} MPix/s incl. start)", flush=True)
     return {"machine": machine(), "malloc": malloc, "model": str(model), "memory": rows}

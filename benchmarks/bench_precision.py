@@ -39,8 +39,8 @@ def main() -> None:
     p.add_argument("--name", default="demo", help="results/precision-NAME.json")
     args = p.parse_args()
     malloc = control_malloc(True)
-    model, scene, labels_path = args.model, args.scene, args.labels
-    for path in (model, scene, labels_path):
+    model, scene = args.model, args.scene
+    for path in (model, scene, args.labels):
         if not path.exists():
             sys.exit(f"{path}: not found (`python3 dev.py demo` makes models/demo.safetensors and data/sample-test)")
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-prec-"))
@@ -55,7 +55,7 @@ def main() -> None:
                 cfg = validate(PipelineConfig, {
                     "input": str(scene), "model": str(model), "output_dir": str(tmp / name),
                     "overwrite": True, "infer": {"precision": precision, "channels_last": cl, "device": "cpu"},
-                    "vectorize": {"enabled": False}, "evaluate": {"reference": str(labels_path)},
+                    "vectorize": {"enabled": False}, "evaluate": {"reference": str(args.labels)},
                 }, "b", None)
                 t0 = time.perf_counter()
                 result = run_pipeline(cfg, client=client, progress=False)
